@@ -1,0 +1,187 @@
+"""PPOConfig: TRL-classic (v0.11) field names and defaults, plus fastppo's own switches.
+
+Every field keeps TRL's name and default so a TRL script's `PPOConfig(...)` call works
+unchanged. Invalid values raise `ValueError` at construction, naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _default_exp_name() -> str:
+    return os.path.splitext(os.path.basename(sys.argv[0] or "fastppo"))[0] or "fastppo"
+
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of `PPOTrainer`; defaults reproduce TRL 0.11's classic PPOTrainer."""
+
+    exp_name: str = field(default_factory=_default_exp_name)
+    """Name of the experiment (tracking only)."""
+    seed: int = 0
+    """Seed for `random`, `numpy` and `torch`, set when the trainer is built (fixes mini-batch order)."""
+    log_with: Optional[str] = None
+    """Tracker for `log_stats` through accelerate: "wandb", "tensorboard", ... or None."""
+    task_name: Optional[str] = None
+    """Task name (tracking only)."""
+    model_name: str = "gpt2"
+    """Model name (tracking only)."""
+    query_dataset: str = "stanfordnlp/imdb"
+    """Query dataset name (tracking only)."""
+    reward_model: str = "sentiment-analysis:lvwerra/distilbert-imdb"
+    """Reward model name (tracking only)."""
+    remove_unused_columns: bool = True
+    """Accepted for TRL compatibility; fastppo's dataloader passes dataset items through unchanged."""
+    tracker_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for the tracker's init (`Accelerator.init_trackers(init_kwargs=...)`)."""
+    accelerator_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for `accelerate.Accelerator` (e.g. mixed_precision)."""
+    project_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for `accelerate.utils.ProjectConfiguration` (e.g. logging_dir)."""
+    tracker_project_name: str = "trl"
+    """Project name the trackers log under."""
+    push_to_hub_if_best_kwargs: dict = field(default_factory=dict)
+    """Accepted for TRL compatibility; not used (push explicitly with `model.push_to_hub`)."""
+    steps: int = 20000
+    """Number of training samples planned (tracking only, as in TRL)."""
+    learning_rate: float = 1.41e-5
+    """Adam learning rate of the default optimizer."""
+    adap_kl_ctrl: bool = True
+    """Adapt the KL coefficient toward `target` (True) or keep it fixed at `init_kl_coef` (False)."""
+    init_kl_coef: float = 0.2
+    """Initial KL penalty coefficient."""
+    kl_penalty: str = "kl"
+    """Per-token KL estimate: "kl" (logp - ref), "abs", "mse" (0.5·kl²), "full" (exact over the vocabulary), "k3" (low-variance, non-negative)."""
+    target: float = 6.0
+    """Target KL (summed over a response) of the adaptive controller."""
+    horizon: float = 10000.0
+    """Horizon of the adaptive KL controller, in samples."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """Lambda of GAE."""
+    cliprange: float = 0.2
+    """PPO policy ratio clip range."""
+    cliprange_value: float = 0.2
+    """Clip range of the value prediction around the rollout value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    batch_size: int = 128
+    """Samples per `step` call."""
+    forward_batch_size: Optional[int] = None
+    """Deprecated in TRL: if set, overrides `mini_batch_size`."""
+    mini_batch_size: int = 128
+    """Samples per optimisation mini-batch (also the forward-pass batch of the rollout)."""
+    gradient_accumulation_steps: int = 1
+    """Mini-batches accumulated per optimizer step."""
+    world_size: Optional[int] = None
+    """Filled in by the trainer: number of processes."""
+    ppo_epochs: int = 4
+    """Optimisation epochs over each batch."""
+    max_grad_norm: Optional[float] = None
+    """Clip the gradient norm to this value (None: no clipping)."""
+    optimize_cuda_cache: Optional[bool] = None
+    """Deprecated alias of `optimize_device_cache`."""
+    optimize_device_cache: bool = False
+    """Empty the accelerator's cache after each forward pass and mini-batch (less memory, slower)."""
+    early_stopping: bool = False
+    """Stop the epochs of a step once the policy KL exceeds 1.5 × `target_kl`."""
+    target_kl: float = 1.0
+    """Policy KL threshold of early stopping."""
+    compare_steps: int = 1
+    """Accepted for TRL compatibility; not used."""
+    ratio_threshold: float = 10.0
+    """Zero a mini-batch's loss when its mean ratio exceeds this (TRL's loss-spike guard)."""
+    use_score_scaling: bool = False
+    """Divide scores by their running standard deviation."""
+    use_score_norm: bool = False
+    """With `use_score_scaling`: also subtract the running mean."""
+    score_clip: Optional[float] = None
+    """Clip scores to [-score_clip, score_clip] (after scaling)."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over response tokens before GAE (pad positions stay zero, unlike TRL)."""
+    gradient_checkpointing: bool = False
+    """Enable gradient checkpointing of the wrapped model."""
+    is_encoder_decoder: Optional[bool] = None
+    """Filled in by the trainer; fastppo supports decoder-only models."""
+    is_peft_model: Optional[bool] = None
+    """Filled in by the trainer: whether the model is a PEFT model."""
+    backward_batch_size: Optional[int] = None
+    """Derived: mini_batch_size × gradient_accumulation_steps."""
+    global_backward_batch_size: Optional[int] = None
+    """Derived: backward_batch_size × world_size."""
+    global_batch_size: Optional[int] = None
+    """Derived: batch_size × world_size."""
+    dataset_num_proc: Optional[int] = None
+    """Accepted for TRL compatibility; not used."""
+    backend: str = "auto"
+    """Kernel backend of `fastppo.ops`: "auto" (Triton where it runs), "triton" or "torch"; env FASTPPO_BACKEND overrides "auto"."""
+
+    def __post_init__(self) -> None:
+        if self.optimize_cuda_cache is not None:
+            self.optimize_device_cache = bool(self.optimize_cuda_cache)
+        if self.forward_batch_size is not None:
+            self.mini_batch_size = self.forward_batch_size
+        self._validate()
+        self.backward_batch_size = self.mini_batch_size * self.gradient_accumulation_steps
+        self.total_ppo_epochs = int(math.ceil(self.steps / self.batch_size))
+
+    def _validate(self) -> None:
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+        backward = self.mini_batch_size * self.gradient_accumulation_steps
+        if self.batch_size % backward != 0:
+            raise ValueError(
+                "PPOConfig.batch_size must be a multiple of mini_batch_size * gradient_accumulation_steps, "
+                f"got batch_size={self.batch_size}, mini_batch_size={self.mini_batch_size}, "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
+        if self.kl_penalty not in KL_PENALTIES:
+            raise ValueError(f"PPOConfig.kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"PPOConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        _require(self, "learning_rate", lambda v: v >= 0, "a non-negative number")
+        _require(self, "init_kl_coef", lambda v: v >= 0, "a non-negative number")
+        _require(self, "target", lambda v: v > 0, "a positive number")
+        _require(self, "horizon", lambda v: v > 0, "a positive number")
+        _require(self, "gamma", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _require(self, "lam", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _require(self, "cliprange", lambda v: v >= 0, "a non-negative number")
+        _require(self, "cliprange_value", lambda v: v >= 0, "a non-negative number")
+        _require(self, "vf_coef", lambda v: v >= 0, "a non-negative number")
+        _require(self, "target_kl", lambda v: v > 0, "a positive number")
+        _require(self, "ratio_threshold", lambda v: v > 0, "a positive number")
+        if self.max_grad_norm is not None:
+            _require(self, "max_grad_norm", lambda v: v > 0, "a positive number or None")
+        if self.score_clip is not None:
+            _require(self, "score_clip", lambda v: v > 0, "a positive number or None")
+        if self.use_score_norm and not self.use_score_scaling:
+            raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict of every field (nested dicts joined with '/'), for trackers."""
+        flat: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, dict):
+                for sub_key, sub_value in value.items():
+                    flat[f"{key}/{sub_key}"] = sub_value
+            else:
+                flat[key] = value
+        return flat
+
+
+def _require(config: PPOConfig, name: str, check, expected: str) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and check(value)
+    if not ok:
+        raise ValueError(f"PPOConfig.{name} must be {expected}, got {value!r}")

@@ -1,0 +1,123 @@
+"""Checks of what users hand to `PPOTrainer.step` and `generate`.
+
+Everything here runs before the trainer touches any state, so bad input raises a
+`TypeError`/`ValueError` naming the argument and leaves weights, optimizer state, KL
+coefficient and running moments as they were. Tensors may live on the CPU or on the
+trainer's device; any other device is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+
+class StepInputs(NamedTuple):
+    queries: list  # B × [Lq] int64 on the trainer's device
+    responses: list  # B × [Lr]
+    scores: torch.Tensor  # [B] float32
+    response_masks: Optional[list]  # B × [Lr] or None
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` moved to `device`; CPU tensors move, tensors on another accelerator are an error."""
+    if tensor.device == device or tensor.device.type == "cpu":
+        return tensor.to(device)
+    raise ValueError(f"{name} is on {tensor.device}, but the trainer runs on {device}; pass CPU tensors or tensors on {device}")
+
+
+def check_token_ids(name: str, tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """One 1-D, non-empty integer tensor of ids in [0, vocab_size), returned as int64 on `device`."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tensor).__name__}")
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one sequence of token ids), got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} is empty; every sequence needs at least one token")
+    tensor = check_device(name, tensor, device)
+    low, high = int(tensor.min()), int(tensor.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} holds token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab_size})")
+    return tensor.long()
+
+
+def check_token_list(name: str, value, vocab_size: int, device: torch.device, batch_size: Optional[int] = None) -> list:
+    """A list of 1-D token-id tensors (see `check_token_ids`), of `batch_size` items if given."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of 1-D token-id tensors, got {type(value).__name__}")
+    if batch_size is not None and len(value) != batch_size:
+        raise ValueError(f"{name} has {len(value)} items but config.batch_size is {batch_size}")
+    if len(value) == 0:
+        raise ValueError(f"{name} is an empty list")
+    return [check_token_ids(f"{name}[{i}]", tensor, vocab_size, device) for i, tensor in enumerate(value)]
+
+
+def check_scores(scores, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Scores as a list of scalars (0-d or one-element tensors, or numbers) or a 1-D tensor → `[B]` float32."""
+    if isinstance(scores, torch.Tensor):
+        if scores.dim() != 1:
+            raise ValueError(f"scores must be a list of scalars or a 1-D tensor, got a tensor of shape {tuple(scores.shape)}")
+        items = list(scores.unbind(0))
+    elif isinstance(scores, (list, tuple)):
+        items = list(scores)
+    else:
+        raise TypeError(f"scores must be a list of scalar tensors or a 1-D tensor, got {type(scores).__name__}")
+    if len(items) != batch_size:
+        raise ValueError(f"scores has {len(items)} items but config.batch_size is {batch_size}")
+    values = []
+    for i, item in enumerate(items):
+        name = f"scores[{i}]"
+        if isinstance(item, torch.Tensor):
+            if item.numel() != 1 or item.dim() > 1:
+                raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(item.shape)}")
+            if item.dtype == torch.bool or item.is_complex():
+                raise TypeError(f"{name} must be a real number, got dtype {item.dtype}")
+            check_device(name, item, device)
+            value = float(item.reshape(()).item())
+        elif isinstance(item, numbers.Real) and not isinstance(item, bool):
+            value = float(item)
+        else:
+            raise TypeError(f"{name} must be a scalar tensor or a number, got {type(item).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is {value}; scores must be finite")
+        values.append(value)
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def check_response_masks(response_masks, responses: Sequence[torch.Tensor], device: torch.device) -> Optional[list]:
+    """Optional per-response 0/1 masks, each the length of its response and not all zero."""
+    if response_masks is None:
+        return None
+    if not isinstance(response_masks, (list, tuple)):
+        raise TypeError(f"response_masks must be a list of 1-D tensors or None, got {type(response_masks).__name__}")
+    if len(response_masks) != len(responses):
+        raise ValueError(f"response_masks has {len(response_masks)} items but responses has {len(responses)}")
+    checked = []
+    for i, (mask, response) in enumerate(zip(response_masks, responses)):
+        name = f"response_masks[{i}]"
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != response.shape:
+            raise ValueError(f"{name} has shape {tuple(mask.shape)} but responses[{i}] has shape {tuple(response.shape)}")
+        mask = check_device(name, mask, device)
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must hold only 0 and 1")
+        if not bool(mask.any()):
+            raise ValueError(f"{name} masks out every token of responses[{i}]; at least one must count")
+        checked.append(mask.long())
+    return checked
+
+
+def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
+                      device: torch.device) -> StepInputs:
+    """All of `step`'s arguments, checked and moved to `device`."""
+    queries = check_token_list("queries", queries, vocab_size, device, batch_size)
+    responses = check_token_list("responses", responses, vocab_size, device, batch_size)
+    scores = check_scores(scores, batch_size, device)
+    masks = check_response_masks(response_masks, responses, device)
+    return StepInputs(queries, responses, scores, masks)

@@ -1,0 +1,260 @@
+"""fastppo's public functional API, and the one place that picks a backend.
+
+Each op checks its arguments, then runs either the Triton kernel (`fastppo.kernels`) or
+the eager reference (`fastppo.reference`). Backend choice:
+
+- ``"torch"``: always the reference.
+- ``"triton"``: the kernel; where it cannot run (no triton, CPU tensors without
+  ``TRITON_INTERPRET=1``, no kernel for the op) a `RuntimeError`, never a silent fallback.
+- ``"auto"`` (default): the environment variable ``FASTPPO_BACKEND`` if set, else Triton
+  for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) when triton imports and
+  the op has a kernel, else the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+from .config import BACKENDS
+from .reference import PPOLossOutput
+
+__all__ = [
+    "PPOLossOutput",
+    "full_kl",
+    "gae",
+    "kl_penalty_rewards",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_loss",
+    "resolve_backend",
+]
+
+ENV_BACKEND = "FASTPPO_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton does not import ({exc})"
+    return None
+
+
+def _triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why Triton cannot run on `device`, or None if it can."""
+    error = _triton_import_error()
+    if error is not None:
+        return error
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; got a {device.type} tensor"
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend ("torch" or "triton") an op with tensors on `device` runs on, for the requested one."""
+    requested = backend or "auto"
+    if requested == "auto":
+        requested = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if requested not in BACKENDS:
+        source = f"${ENV_BACKEND}" if backend in (None, "auto") else "backend"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    reason = _triton_unavailable_reason(torch.device(device))
+    if requested == "triton" and reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    return "triton" if reason is None else "torch"
+
+
+def _kernel(op: str) -> Optional[Callable]:
+    """The Triton implementation of `op`, or None while no kernel exists for it."""
+    try:
+        module = importlib.import_module("fastppo.kernels")
+    except ImportError:
+        return None
+    return getattr(module, op, None)
+
+
+def _implementation(op: str, backend: Optional[str], device: torch.device) -> Callable:
+    requested = backend or "auto"
+    if resolve_backend(backend, device) == "triton":
+        kernel = _kernel(op)
+        if kernel is not None:
+            return kernel
+        explicit = requested == "triton" or (requested == "auto" and os.environ.get(ENV_BACKEND) == "triton")
+        if explicit:
+            raise RuntimeError(f"backend='triton': fastppo has no Triton kernel for {op} yet; use backend='torch'")
+    return getattr(reference, op)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_tensor(name: str, value, ndim: Optional[int] = None, floating: bool = False) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def _check_same(names_and_tensors) -> None:
+    (first_name, first), *rest = names_and_tensors
+    for name, tensor in rest:
+        if tensor.shape != first.shape:
+            raise ValueError(f"{name} must have the shape of {first_name} {tuple(first.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}")
+
+
+def _check_token_tensors(names_and_tensors: list, floating: tuple = ()) -> None:
+    """[B, T] inputs: all 2-D, one shape and device; floats where named."""
+    for name, tensor in names_and_tensors:
+        _check_tensor(name, tensor, ndim=2, floating=name in floating)
+    _check_same(names_and_tensors)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: Optional[str] = None,
+):
+    """Log-probability of each label under softmax(logits / temperature), float32.
+
+    logits `[..., V]` (fp32/bf16/fp16, may be a non-contiguous view such as
+    `logits[:, :-1]`), labels `[...]` integer → `[...]` float32 (≤ 0); with
+    `return_entropy=True`, also the entropy `[...]`. Differentiable w.r.t. logits.
+    Raises TypeError/ValueError on wrong types or shapes.
+    """
+    _check_tensor("logits", logits, floating=True)
+    _check_tensor("labels", labels)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape without its last dim {tuple(logits.shape[:-1])}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    impl = _implementation("logprobs_from_logits", backend, logits.device)
+    return impl(logits, labels, temperature=temperature, return_entropy=return_entropy)
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Exact per-position KL(softmax(logits) ‖ softmax(ref_logits)): two `[..., V]` → float32 `[...]`. No gradient."""
+    _check_tensor("logits", logits, floating=True)
+    _check_tensor("ref_logits", ref_logits, floating=True)
+    _check_same([("logits", logits), ("ref_logits", ref_logits)])
+    impl = _implementation("full_kl", backend, logits.device)
+    with torch.no_grad():
+        return impl(logits, ref_logits)
+
+
+def kl_penalty_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "kl",
+    kl: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Per-token PPO rewards: −kl_coef·KL estimate on response tokens, score added at each row's last one.
+
+    logprobs, ref_logprobs, mask `[B, T]`, scores `[B]` → (rewards, kl) `[B, T]` float32.
+    estimator: "kl", "abs", "mse", "k3", or "full" with the exact KL passed as `kl` `[B, T]`.
+    """
+    _check_token_tensors([("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("mask", mask)],
+                         floating=("logprobs", "ref_logprobs"))
+    _check_tensor("scores", scores, ndim=1, floating=True)
+    if scores.shape[0] != logprobs.shape[0] or scores.device != logprobs.device:
+        raise ValueError(f"scores must be [B]={logprobs.shape[0]} on {logprobs.device}, got {tuple(scores.shape)} on {scores.device}")
+    if estimator not in reference.KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {reference.KL_ESTIMATORS}, got {estimator!r}")
+    if estimator == "full":
+        if kl is None:
+            raise ValueError("estimator='full' needs kl=full_kl(logits, ref_logits)")
+        _check_token_tensors([("logprobs", logprobs), ("kl", kl)], floating=("kl",))
+    impl = _implementation("kl_penalty_rewards", backend, logprobs.device)
+    with torch.no_grad():
+        return impl(logprobs, ref_logprobs, mask, scores, float(kl_coef), estimator, kl)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    backend: Optional[str] = None,
+):
+    """Generalised advantage estimation per row (TRL-classic masking): `[B, T]` ×3 → (advantages, returns) float32."""
+    _check_token_tensors([("rewards", rewards), ("values", values), ("mask", mask)], floating=("rewards", "values"))
+    impl = _implementation("gae", backend, rewards.device)
+    with torch.no_grad():
+        return impl(rewards, values, mask, float(gamma), float(lam))
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions (0-d float32)."""
+    return reference.masked_mean(values, mask)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over masked positions (0-d float32), Bessel-corrected when `unbiased`."""
+    return reference.masked_var(values, mask, unbiased)
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Whiten `values` with the mean and variance of its masked positions; same shape, float32."""
+    _check_tensor("values", values, floating=True)
+    _check_same([("values", values), ("mask", mask)])
+    impl = _implementation("masked_whiten", backend, values.device)
+    with torch.no_grad():
+        return impl(values, mask, shift_mean)
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+    backend: Optional[str] = None,
+) -> PPOLossOutput:
+    """Clipped policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
+
+    Returns a `PPOLossOutput` (losses with gradient w.r.t. logprobs and values, plus the
+    mini-batch statistics). All inputs `[B, T]`, one device.
+    """
+    names = [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("values", values),
+             ("old_values", old_values), ("advantages", advantages), ("returns", returns), ("mask", mask)]
+    _check_token_tensors(names, floating=tuple(name for name, _ in names[:-1]))
+    impl = _implementation("ppo_loss", backend, logprobs.device)
+    return impl(logprobs, old_logprobs, values, old_values, advantages, returns, mask,
+                float(cliprange), float(cliprange_value), float(vf_coef))

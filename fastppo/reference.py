@@ -1,0 +1,217 @@
+"""Eager PyTorch versions of every fastppo op: the readable statement of the math.
+
+These are the fallback backend, the oracle the kernels are tested against, and the
+baseline the benchmarks time. They follow TRL 0.11's classic PPOTrainer to float
+tolerance. Shapes: B = batch, T = (padded) sequence, V = vocabulary. Every result is
+float32 whatever the input dtype; masks may be bool, integer or float.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+KL_ESTIMATORS = ("kl", "abs", "mse", "full", "k3")
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+):
+    """log softmax(logits / temperature)[label] per position.
+
+    logits `[..., V]` (any float dtype), labels `[...]` int → float32 `[...]`; with
+    `return_entropy`, also the entropy of softmax(logits / temperature), float32 `[...]`.
+    """
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    logp = torch.log_softmax(scaled, dim=-1)
+    picked = torch.gather(logp, -1, labels.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return picked
+    # H = logsumexp(z) - Σ p·z, the same form as TRL's entropy_from_logits.
+    entropy = torch.logsumexp(scaled, dim=-1) - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)
+    return picked, entropy
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position, p = softmax(logits), q = softmax(ref_logits).
+
+    Two `[..., V]` → float32 `[...]`.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate from sampled-token log-probs `[B, T]` → `[B, T]`.
+
+    kl: logp − ref; abs: |logp − ref|; mse: ½(logp − ref)²;
+    k3: exp(ref − logp) − 1 − (ref − logp) (unbiased, never negative).
+    """
+    diff = logprobs.float() - ref_logprobs.float()
+    if estimator == "kl":
+        return diff
+    if estimator == "abs":
+        return diff.abs()
+    if estimator == "mse":
+        return 0.5 * diff.square()
+    if estimator == "k3":
+        log_ratio = -diff
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r} ('full' needs precomputed kl)")
+
+
+def kl_penalty_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "kl",
+    kl: Optional[torch.Tensor] = None,
+):
+    """Per-token rewards: −kl_coef·kl_t on response tokens, plus the row's score at its last one.
+
+    logprobs, ref_logprobs, mask `[B, T]`, scores `[B]` → (rewards `[B, T]`, kl `[B, T]`), float32.
+    `estimator="full"` takes the exact per-token KL in `kl` (from `full_kl`). Rewards are zero
+    off the mask; a fully masked row gets no score. kl is returned unmasked, as TRL does.
+    """
+    if estimator == "full":
+        if kl is None:
+            raise ValueError("kl_penalty_rewards(estimator='full') needs kl= from full_kl")
+        kl = kl.float()
+    else:
+        kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    maskf = mask.float()
+    rewards = -kl_coef * kl * maskf
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask.bool(), positions, -1).amax(-1)  # [B], -1 for an empty row
+    has_token = last >= 0
+    rows = torch.arange(mask.shape[0], device=mask.device)[has_token]
+    rewards[rows, last[has_token]] += scores.float()[has_token]
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation, the plain reverse loop over T (TRL-classic semantics).
+
+    rewards, values, mask `[B, T]` → (advantages, returns) `[B, T]` float32. Values and
+    rewards are zeroed off the mask first, so the value after a response's last token is 0.
+    returns = advantages + values.
+    """
+    maskf = mask.float()
+    values = values.float() * maskf
+    rewards = rewards.float() * maskf
+    length = rewards.shape[-1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    reversed_advantages = []
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]  # δ_t = r_t + γV_{t+1} − V_t
+        last_gae = delta + gamma * lam * last_gae  # A_t = δ_t + γλA_{t+1}
+        reversed_advantages.append(last_gae)
+    advantages = torch.stack(reversed_advantages[::-1], dim=-1)
+    return advantages, advantages + values
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over positions where `mask` is set (0-d float32)."""
+    maskf = mask.float()
+    return (values.float() * maskf).sum() / maskf.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over masked positions; Bessel-corrected when `unbiased` and more than one position.
+
+    TRL divides by zero for a single position; here one position gives the biased (zero) variance.
+    """
+    maskf = mask.float()
+    centered = values.float() - masked_mean(values, mask)
+    variance = (centered.square() * maskf).sum() / maskf.sum()
+    if unbiased:
+        count = maskf.sum()
+        variance = variance * torch.where(count > 1, count / (count - 1).clamp_min(1), torch.ones_like(count))
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values − mean)/sqrt(var + 1e-8) with masked statistics; `shift_mean=False` adds the mean back."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values.float() - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+class PPOLossOutput(NamedTuple):
+    """Losses (with gradient) and the per-mini-batch statistics step() reports (0-d float32)."""
+
+    loss: torch.Tensor  # pg_loss + vf_coef * vf_loss
+    pg_loss: torch.Tensor
+    vf_loss: torch.Tensor  # 0.5 · masked mean of the clipped squared error (no vf_coef)
+    pg_clipfrac: torch.Tensor
+    vf_clipfrac: torch.Tensor
+    approxkl: torch.Tensor  # ½ · mean (logp − old)²
+    policykl: torch.Tensor  # mean (old − logp)
+    ratio_mean: torch.Tensor
+    vpred_mean: torch.Tensor
+    value_error: torch.Tensor  # mean (v − returns)²
+    ratio: torch.Tensor  # [B, T], detached
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+) -> PPOLossOutput:
+    """Clipped PPO policy loss + clipped value loss, masked means over `[B, T]`.
+
+    Gradients flow to `logprobs` and `values`; the other inputs are constants.
+    """
+    logprobs, values = logprobs.float(), values.float()
+    old_logprobs, old_values = old_logprobs.float(), old_values.float()
+    advantages, returns = advantages.float(), returns.float()
+
+    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses_unclipped = (values - returns).square()
+    vf_losses_clipped = (values_clipped - returns).square()
+    vf_loss = 0.5 * masked_mean(torch.maximum(vf_losses_unclipped, vf_losses_clipped), mask)
+    vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses_unclipped).float(), mask)
+
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses_unclipped = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.maximum(pg_losses_unclipped, pg_losses_clipped), mask)
+    pg_clipfrac = masked_mean((pg_losses_clipped > pg_losses_unclipped).float(), mask)
+
+    with torch.no_grad():
+        approxkl = 0.5 * masked_mean(log_ratio.square(), mask)
+        policykl = masked_mean(-log_ratio, mask)
+        ratio_mean = masked_mean(ratio, mask)
+        vpred_mean = masked_mean(values, mask)
+        value_error = masked_mean((values - returns).square(), mask)
+
+    return PPOLossOutput(
+        loss=pg_loss + vf_coef * vf_loss,
+        pg_loss=pg_loss,
+        vf_loss=vf_loss,
+        pg_clipfrac=pg_clipfrac.detach(),
+        vf_clipfrac=vf_clipfrac.detach(),
+        approxkl=approxkl,
+        policykl=policykl,
+        ratio_mean=ratio_mean,
+        vpred_mean=vpred_mean,
+        value_error=value_error,
+        ratio=ratio.detach(),
+    )

@@ -1,0 +1,127 @@
+"""The statistics `PPOTrainer.step` returns, under TRL 0.11's keys and with its averaging.
+
+Per mini-batch values are token-weighted means; `ppo/*` is their unweighted mean over
+(epoch, mini-batch); `ppo/val/var_explained` is computed after that averaging. Scalars
+come back as Python floats, distributions as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import ops
+from .reference import PPOLossOutput
+
+
+def minibatch_stats(
+    out: PPOLossOutput,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    old_values: torch.Tensor,
+    mask: torch.Tensor,
+    vf_coef: float,
+) -> dict:
+    """One mini-batch's statistics (tensors, still on device; keys without the `ppo/` prefix)."""
+    return {
+        "loss/policy": out.pg_loss.detach(),
+        "loss/value": out.vf_loss.detach(),
+        "loss/total": (out.pg_loss + vf_coef * out.vf_loss).detach(),
+        "policy/entropy": ops.masked_mean(entropy, mask),
+        "policy/approxkl": out.approxkl,
+        "policy/policykl": out.policykl,
+        "policy/clipfrac": out.pg_clipfrac,
+        "policy/advantages": torch.nan_to_num(advantages.detach().flatten(), nan=-1.0),
+        "policy/advantages_mean": ops.masked_mean(advantages, mask),
+        "policy/ratio": out.ratio.flatten(),
+        "returns/mean": ops.masked_mean(returns, mask),
+        "returns/var": ops.masked_var(returns, mask),
+        "val/vpred": out.vpred_mean,
+        "val/error": out.value_error,
+        "val/clipfrac": out.vf_clipfrac,
+        "val/mean": ops.masked_mean(old_values, mask),
+        "val/var": ops.masked_var(old_values, mask),
+    }
+
+
+DISTRIBUTION_KEYS = ("policy/advantages", "policy/ratio")
+
+
+def average_minibatch_stats(per_minibatch: list) -> dict:
+    """Mean of each scalar over mini-batches; distributions concatenated."""
+    averaged = {}
+    for key in per_minibatch[0]:
+        values = [stats[key] for stats in per_minibatch]
+        if key in DISTRIBUTION_KEYS:
+            averaged[key] = torch.cat(values)
+        else:
+            averaged[key] = torch.stack(values).mean()
+    return averaged
+
+
+def step_stats(
+    *,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    kls: torch.Tensor,
+    kl_coef: float,
+    mask: torch.Tensor,
+    query_lengths: list,
+    response_lengths: list,
+    train_stats: dict,
+) -> dict:
+    """The `objective/*`, `ppo/*` and `tokens/*` statistics of one step (tensors and numbers)."""
+    maskf = mask.float()
+    kl_per_row = (kls * maskf).sum(-1)
+    stats = {
+        "objective/kl": kl_per_row.mean(),
+        "objective/kl_dist": kl_per_row,
+        "objective/logprobs": logprobs,
+        "objective/ref_logprobs": ref_logprobs,
+        "objective/kl_coef": kl_coef,
+        # TRL's "entropy" is the summed negative log-prob of the sampled tokens per row.
+        "objective/entropy": (-logprobs * maskf).sum(-1).mean(),
+        "ppo/mean_non_score_reward": ops.masked_mean(-kl_coef * kls, mask),
+        "ppo/mean_scores": scores.mean(),
+        "ppo/std_scores": scores.std(),
+    }
+    query_lengths = torch.tensor(query_lengths, dtype=torch.float)
+    response_lengths = torch.tensor(response_lengths, dtype=torch.float)
+    stats["tokens/queries_len_mean"] = query_lengths.mean().item()
+    stats["tokens/queries_len_std"] = query_lengths.std().item()
+    stats["tokens/queries_dist"] = query_lengths.numpy()
+    stats["tokens/responses_len_mean"] = response_lengths.mean().item()
+    stats["tokens/responses_len_std"] = response_lengths.std().item()
+    stats["tokens/responses_dist"] = response_lengths.numpy()
+    for key, value in train_stats.items():
+        stats[f"ppo/{key}"] = value
+    stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
+    return stats
+
+
+def to_python(stats: dict) -> dict:
+    """Tensors → numpy; 0-d and one-element arrays → float (as TRL does for non-wandb loggers)."""
+    out = {}
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().cpu().numpy()
+        if isinstance(value, np.ndarray) and value.size == 1 and value.ndim <= 1:
+            value = float(value.reshape(()))
+        elif isinstance(value, (np.floating, np.integer)):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def reduce_across_processes(stats: dict, accelerator) -> dict:
+    """Mean of every scalar tensor statistic over processes (no-op on one process)."""
+    if accelerator.num_processes <= 1:
+        return stats
+    reduced = dict(stats)
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            reduced[key] = accelerator.reduce(value.to(accelerator.device).float(), "mean")
+    return reduced
+

@@ -1,0 +1,486 @@
+"""PPOTrainer: TRL's classic `generate` → score → `step` API on accelerate, with fastppo's ops.
+
+`step` reads as its phases: check inputs → scores → padded batch → rollout forward
+(policy and reference log-probs, values) → per-token rewards → advantages → PPO epochs
+over shuffled mini-batches → statistics → KL-coefficient update. The per-token math goes
+through `fastppo.ops`, which picks the Triton kernels or the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from transformers import PreTrainedTokenizerBase, set_seed
+
+from . import inputs, ops, stats as step_statistics
+from .config import PPOConfig
+from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
+from .model import AutoModelForCausalLMWithValueHead, create_reference_model
+
+
+class Rollout(NamedTuple):
+    """What the no-grad forward passes over the whole batch produce; all `[B, L-1]`."""
+
+    logprobs: torch.Tensor  # policy log-prob of token t+1 at position t
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    full_kl: Optional[torch.Tensor]  # exact KL per position, for kl_penalty="full"
+
+
+class PPOTrainer:
+    """PPO for a causal LM with a value head, TRL 0.11 classic math by default.
+
+    Args:
+        config: a `PPOConfig`.
+        model: the policy, an `AutoModelForCausalLMWithValueHead`.
+        ref_model: the frozen reference; None makes a frozen copy of `model` (for a PEFT
+            model, the base with adapters disabled is used instead, without a copy).
+        tokenizer: a transformers tokenizer with a pad token.
+        dataset: optional torch Dataset; `trainer.dataloader` then yields `batch_size` items.
+        optimizer: default `torch.optim.Adam(trainable params, lr=config.learning_rate)`.
+        data_collator: collate function of the dataloader.
+        num_shared_layers: not supported (must be None).
+        lr_scheduler: optional, stepped once per `step`.
+    """
+
+    def __init__(
+        self,
+        config: Optional[PPOConfig] = None,
+        model: Optional[AutoModelForCausalLMWithValueHead] = None,
+        ref_model: Optional[AutoModelForCausalLMWithValueHead] = None,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        dataset=None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        data_collator: Optional[Callable] = None,
+        num_shared_layers: Optional[int] = None,
+        lr_scheduler=None,
+    ):
+        _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler)
+        self.config = config
+        self.tokenizer = tokenizer
+        set_seed(config.seed)
+
+        self.accelerator = Accelerator(
+            log_with=config.log_with,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            project_config=ProjectConfiguration(**config.project_kwargs),
+            **config.accelerator_kwargs,
+        )
+        config.world_size = self.accelerator.num_processes
+        config.global_backward_batch_size = config.backward_batch_size * config.world_size
+        config.global_batch_size = config.batch_size * config.world_size
+        config.is_encoder_decoder = False
+        config.is_peft_model = model.is_peft_model
+        self.is_peft_model = model.is_peft_model
+
+        if ref_model is None and not self.is_peft_model:
+            ref_model = create_reference_model(model)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if optimizer is None:
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+        self.dataset = dataset
+        dataloader = None
+        if dataset is not None:
+            dataloader = torch.utils.data.DataLoader(
+                dataset, batch_size=config.batch_size, collate_fn=data_collator, shuffle=True, drop_last=True
+            )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.dataloader = self.accelerator.prepare(dataloader) if dataloader is not None else None
+        self.lr_scheduler = self.accelerator.prepare(lr_scheduler) if lr_scheduler is not None else None
+        self.ref_model = None
+        if ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.current_device = self.accelerator.device
+
+        self.kl_ctl = (
+            AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+            if config.adap_kl_ctrl
+            else FixedKLController(config.init_kl_coef)
+        )
+        self.running = RunningMoments()
+        self.current_step = 0
+        self.accelerator.init_trackers(
+            config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unwrapped_model.pretrained_model.get_output_embeddings().weight.shape[0]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        query_tensor,
+        length_sampler: Optional[Callable[[], int]] = None,
+        batch_size: int = 4,
+        return_prompt: bool = True,
+        generate_ref_response: bool = False,
+        remove_padding: bool = True,
+        **generation_kwargs,
+    ):
+        """Sample responses to one query (1-D tensor → `[1, L]` tensor) or a list (→ list of 1-D tensors).
+
+        Lists are generated `batch_size` at a time with left padding; returned sequences
+        lose their padding and, with `remove_padding`, everything after the first EOS
+        (which is kept). `return_prompt=False` returns only the new tokens.
+        `generate_ref_response=True` also samples from the reference and returns a pair.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if isinstance(query_tensor, torch.Tensor):
+            query = inputs.check_token_ids("query_tensor", query_tensor, self.vocab_size, self.current_device)
+            response = self._generate_single(self.model, query, length_sampler, return_prompt, generation_kwargs)
+            if generate_ref_response:
+                ref = self._generate_single(self._reference_model(), query, length_sampler, return_prompt,
+                                            generation_kwargs, disable_adapter=self.is_peft_model)
+                return response, ref
+            return response
+        queries = inputs.check_token_list("query_tensor", query_tensor, self.vocab_size, self.current_device)
+        args = (queries, length_sampler, batch_size, return_prompt, remove_padding, generation_kwargs)
+        responses = self._generate_batched(self.model, *args)
+        if generate_ref_response:
+            return responses, self._generate_batched(self._reference_model(), *args, disable_adapter=self.is_peft_model)
+        return responses
+
+    def _reference_model(self):
+        return self.model if self.is_peft_model else self.ref_model
+
+    @contextlib.contextmanager
+    def _for_generation(self, model, disable_adapter: bool = False):
+        """The unwrapped model, in eval mode (no dropout while sampling), adapters off if asked."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        adapter_ctx = unwrapped.pretrained_model.disable_adapter() if disable_adapter else contextlib.nullcontext()
+        try:
+            with adapter_ctx, torch.no_grad():
+                yield unwrapped
+        finally:
+            unwrapped.train(was_training)
+
+    def _generate_single(self, model, query, length_sampler, return_prompt, generation_kwargs, disable_adapter=False):
+        kwargs = dict(generation_kwargs)
+        if length_sampler is not None:
+            kwargs["max_new_tokens"] = int(length_sampler())
+        with self._for_generation(model, disable_adapter) as unwrapped:
+            ids = query.unsqueeze(0)
+            output = unwrapped.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        return output if return_prompt else output[:, query.shape[0]:]
+
+    def _generate_batched(self, model, queries, length_sampler, batch_size, return_prompt, remove_padding,
+                          generation_kwargs, disable_adapter=False):
+        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        outputs = []
+        with self._for_generation(model, disable_adapter) as unwrapped:
+            for start in range(0, len(queries), batch_size):
+                kwargs = dict(generation_kwargs)
+                if length_sampler is not None:
+                    kwargs["max_new_tokens"] = int(length_sampler())
+                batch = queries[start:start + batch_size]
+                width = max(len(q) for q in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=self.current_device)
+                attention_mask = torch.zeros_like(input_ids)
+                for row, query in enumerate(batch):  # left padding: the prompt ends where generation starts
+                    input_ids[row, width - len(query):] = query
+                    attention_mask[row, width - len(query):] = 1
+                generated = unwrapped.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                for row, query in enumerate(batch):
+                    new_tokens = generated[row, width:]
+                    if remove_padding and eos_id is not None:
+                        eos_positions = (new_tokens == eos_id).nonzero()
+                        if len(eos_positions):
+                            new_tokens = new_tokens[: int(eos_positions[0, 0]) + 1]
+                    outputs.append(torch.cat([query, new_tokens]) if return_prompt else new_tokens)
+        return outputs
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, queries: list, responses: list, scores, response_masks: Optional[list] = None) -> dict:
+        """One PPO optimisation step on a batch of `config.batch_size` (query, response, score) triples.
+
+        queries, responses: lists of 1-D token-id tensors (any lengths ≥ 1); scores: a list of
+        scalar tensors (or numbers) or a 1-D tensor; response_masks: optional lists of 0/1
+        per response token (0 = not trained on). Returns TRL's statistics dict plus
+        `fastppo/*` entries. Raises TypeError/ValueError on bad input before changing anything.
+        """
+        batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
+                                         self.vocab_size, self.current_device)
+        timing = {}
+        start = time.time()
+        scores = self._prepare_scores(batch.scores)
+
+        t = time.time()
+        input_ids, attention_mask, mask = self._pad_batch(batch.queries, batch.responses, batch.response_masks)
+        rollout = self._rollout(input_ids, attention_mask)
+        timing["time/ppo/forward_pass"] = time.time() - t
+
+        t = time.time()
+        kl_coef = self.kl_ctl.value
+        rewards, kls = self._compute_rewards(rollout, mask, scores, kl_coef)
+        timing["time/ppo/compute_rewards"] = time.time() - t
+
+        t = time.time()
+        values, advantages, returns = self._compute_advantages(rollout.values, rewards, mask)
+        timing["time/ppo/compute_advantages"] = time.time() - t
+
+        t = time.time()
+        train_stats, optimisation = self._optimize(input_ids, attention_mask, rollout.logprobs, values, advantages,
+                                                   returns, mask)
+        timing["time/ppo/optimize_step"] = time.time() - t
+
+        t = time.time()
+        stats = step_statistics.step_stats(
+            scores=scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, kls=kls, kl_coef=kl_coef,
+            mask=mask, query_lengths=[len(q) for q in batch.queries],
+            response_lengths=[len(r) for r in batch.responses], train_stats=train_stats,
+        )
+        stats = step_statistics.to_python(step_statistics.reduce_across_processes(stats, self.accelerator))
+        timing["time/ppo/calc_stats"] = time.time() - t
+        stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+
+        self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.accelerator.num_processes)
+        timing["time/ppo/total"] = time.time() - start
+        stats.update(timing)
+        stats.update(optimisation)
+        stats["fastppo/tokens_per_s"] = float(attention_mask.sum()) / max(timing["time/ppo/total"], 1e-9)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return stats
+
+    def _prepare_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Running-moment scaling/normalisation, then clipping, as configured."""
+        if self.config.use_score_scaling:
+            self.running.update(scores, self.accelerator)
+            scale = self.running.std + torch.finfo(scores.dtype).eps
+            if self.config.use_score_norm:
+                scores = (scores - self.running.mean) / scale
+            else:
+                scores = scores / scale
+        if self.config.score_clip is not None:
+            scores = torch.clamp(scores, -self.config.score_clip, self.config.score_clip)
+        return scores
+
+    def _pad_batch(self, queries, responses, response_masks):
+        """Right-padded `input_ids`/`attention_mask` `[B, L]` and the response-token mask `[B, L-1]`.
+
+        Position t of the mask stands for the prediction of token t+1, so a response of
+        length n after a query of length m covers positions m-1 … m+n-2.
+        """
+        sequences = [torch.cat([q, r]) for q, r in zip(queries, responses)]
+        width = max(len(s) for s in sequences)
+        if self.accelerator.num_processes > 1:
+            width = int(self.accelerator.gather(torch.tensor([width], device=self.current_device)).max())
+        batch_size = len(sequences)
+        input_ids = torch.full((batch_size, width), self.tokenizer.pad_token_id, dtype=torch.long,
+                               device=self.current_device)
+        attention_mask = torch.zeros_like(input_ids)
+        mask = torch.zeros((batch_size, width - 1), dtype=torch.long, device=self.current_device)
+        for row, (query, response, sequence) in enumerate(zip(queries, responses, sequences)):
+            input_ids[row, : len(sequence)] = sequence
+            attention_mask[row, : len(sequence)] = 1
+            first = len(query) - 1
+            mask[row, first: first + len(response)] = 1 if response_masks is None else response_masks[row]
+        return input_ids, attention_mask, mask
+
+    def _forward(self, model, input_ids, attention_mask, return_entropy: bool = False):
+        """Log-probs of the next tokens `[b, L-1]` (and entropies), values `[b, L-1]`, logits view."""
+        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=False)
+        shifted = logits[:, :-1]
+        result = ops.logprobs_from_logits(shifted, input_ids[:, 1:], return_entropy=return_entropy,
+                                          backend=self.config.backend)
+        return result, values[:, :-1], shifted
+
+    @torch.no_grad()
+    def _rollout(self, input_ids, attention_mask) -> Rollout:
+        """Policy and reference forward passes over the batch, `mini_batch_size` rows at a time."""
+        full = self.config.kl_penalty == "full"
+        chunk = self.config.mini_batch_size
+        self.model.eval()
+        parts = {"logprobs": [], "ref_logprobs": [], "values": [], "full_kl": []}
+        for start in range(0, input_ids.shape[0], chunk):
+            ids, am = input_ids[start:start + chunk], attention_mask[start:start + chunk]
+            logprobs, values, logits = self._forward(self.model, ids, am)
+            with self._reference_context():
+                ref_logprobs, _, ref_logits = self._forward(self._reference_model(), ids, am)
+            parts["logprobs"].append(logprobs)
+            parts["ref_logprobs"].append(ref_logprobs)
+            parts["values"].append(values.float())
+            if full:
+                parts["full_kl"].append(ops.full_kl(logits, ref_logits, backend=self.config.backend))
+            del logits, ref_logits
+        return Rollout(
+            logprobs=torch.cat(parts["logprobs"]),
+            ref_logprobs=torch.cat(parts["ref_logprobs"]),
+            values=torch.cat(parts["values"]),
+            full_kl=torch.cat(parts["full_kl"]) if full else None,
+        )
+
+    def _reference_context(self):
+        if self.is_peft_model:
+            return self.unwrapped_model.pretrained_model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _compute_rewards(self, rollout: Rollout, mask, scores, kl_coef: float):
+        """Per-token rewards and KL estimates `[B, L-1]`."""
+        return ops.kl_penalty_rewards(
+            rollout.logprobs, rollout.ref_logprobs, mask, scores, kl_coef, estimator=self.config.kl_penalty,
+            kl=rollout.full_kl, backend=self.config.backend,
+        )
+
+    def _compute_advantages(self, values, rewards, mask):
+        """Masked values, whitened GAE advantages and returns `[B, L-1]`."""
+        if self.config.whiten_rewards:
+            # TRL whitens pad positions too and GAE carries them into the response; re-mask.
+            rewards = ops.masked_whiten(rewards, mask, shift_mean=False, backend=self.config.backend) * mask
+        advantages, returns = ops.gae(rewards, values, mask, self.config.gamma, self.config.lam,
+                                      backend=self.config.backend)
+        advantages = ops.masked_whiten(advantages, mask, backend=self.config.backend)
+        return values * mask, advantages, returns
+
+    def _optimize(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask):
+        """`ppo_epochs` passes over shuffled mini-batches; returns averaged stats and counters."""
+        config = self.config
+        per_minibatch, skipped = [], []
+        optimizer_steps, early_stopped = 0, False
+        for _ in range(config.ppo_epochs):
+            order = np.random.permutation(config.batch_size)
+            for start in range(0, config.batch_size, config.mini_batch_size):
+                idx = torch.as_tensor(order[start:start + config.mini_batch_size], device=self.current_device)
+                with self.accelerator.accumulate(self.model):
+                    stats, skip = self._train_minibatch(
+                        input_ids[idx], attention_mask[idx], old_logprobs[idx], old_values[idx], advantages[idx],
+                        returns[idx], mask[idx],
+                    )
+                    optimizer_steps += int(self.accelerator.sync_gradients)
+                per_minibatch.append(stats)
+                skipped.append(skip)
+            if config.early_stopping and self._should_stop_early(per_minibatch[-1]["policy/policykl"]):
+                early_stopped = True
+                break
+        n_skipped = int(torch.stack(skipped).sum())
+        if n_skipped:
+            warnings.warn(f"{n_skipped} mini-batch(es) had a mean ratio above ratio_threshold="
+                          f"{config.ratio_threshold}; their loss was zeroed")
+        counters = {
+            "fastppo/optimizer_steps": float(optimizer_steps),
+            "fastppo/skipped_minibatches": float(n_skipped),
+            "fastppo/early_stopped": float(early_stopped),
+        }
+        return step_statistics.average_minibatch_stats(per_minibatch), counters
+
+    def _train_minibatch(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask):
+        """Forward (eval mode, as TRL), loss, backward, optimizer step for one mini-batch."""
+        config = self.config
+        self.model.eval()
+        (logprobs, entropy), values, _ = self._forward(self.model, input_ids, attention_mask, return_entropy=True)
+        out = ops.ppo_loss(logprobs, old_logprobs, values.float(), old_values, advantages, returns, mask,
+                           config.cliprange, config.cliprange_value, config.vf_coef, backend=self.config.backend)
+        # TRL's loss-spike guard: zero the loss of a mini-batch whose mean ratio is too high
+        # (as a tensor op, so no host sync per mini-batch).
+        skip = out.ratio_mean > config.ratio_threshold
+        keep = (~skip).float()
+        out = out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
+        self.accelerator.backward(out.loss)
+        if config.max_grad_norm is not None and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], config.max_grad_norm
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        with torch.no_grad():
+            stats = step_statistics.minibatch_stats(out, entropy, advantages, returns, old_values, mask,
+                                                    config.vf_coef)
+        return stats, skip
+
+    def _should_stop_early(self, policykl: torch.Tensor) -> bool:
+        policykl = policykl.detach().float()
+        if self.accelerator.num_processes > 1:
+            policykl = self.accelerator.reduce(policykl.to(self.current_device), "mean")
+        if float(policykl) > 1.5 * self.config.target_kl:
+            self.optimizer.zero_grad()
+            return True
+        return False
+
+    # ------------------------------------------------------------------ logging and saving
+
+    def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> None:
+        """Send `stats` plus `env/reward_*` to accelerate's trackers (when `config.log_with` is set)."""
+        if not isinstance(rewards, torch.Tensor):
+            rewards = torch.tensor([float(r) for r in rewards])
+        rewards = self.accelerator.gather(rewards.float().to(self.current_device)).flatten()
+        if not self.accelerator.is_main_process:
+            return
+        logs = dict(stats)
+        if self.config.log_with == "wandb" and all(column in batch for column in columns_to_log):
+            import wandb
+
+            rows = [list(row) for row in zip(*[batch[c] for c in columns_to_log], rewards.cpu().tolist())]
+            logs["game_log"] = wandb.Table(columns=[*columns_to_log, "reward"], rows=rows)
+        logs["env/reward_mean"] = rewards.mean().item()
+        logs["env/reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
+        logs["env/reward_dist"] = rewards.cpu().numpy()
+        if self.config.log_with == "tensorboard":
+            self.current_step += 1
+        self.accelerator.log(logs, step=self.current_step if self.config.log_with == "tensorboard" else None)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Save the policy (value head included) and the tokenizer to `save_directory`."""
+        self.unwrapped_model.save_pretrained(save_directory)
+        self.tokenizer.save_pretrained(save_directory)
+
+    def save_state(self, output_dir: str) -> None:
+        """Save everything needed to resume: weights, optimizer, scheduler, RNGs (accelerate) and trainer counters."""
+        self.accelerator.save_state(output_dir)
+        if self.accelerator.is_main_process:
+            state = {"kl_coef": self.kl_ctl.value, "running": self.running.state_dict(),
+                     "current_step": self.current_step}
+            with open(os.path.join(output_dir, "fastppo_trainer_state.json"), "w") as handle:
+                json.dump(state, handle, indent=2)
+
+    def load_state(self, input_dir: str) -> None:
+        """Resume from a `save_state` directory."""
+        self.accelerator.load_state(input_dir)
+        with open(os.path.join(input_dir, "fastppo_trainer_state.json")) as handle:
+            state = json.load(handle)
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.running.load_state_dict(state["running"])
+        self.current_step = int(state["current_step"])
+
+
+def _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler) -> None:
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a fastppo.PPOConfig, got {type(config).__name__}")
+    if not isinstance(model, AutoModelForCausalLMWithValueHead):
+        raise TypeError(f"model must be a fastppo.AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
+    if ref_model is not None and not isinstance(ref_model, AutoModelForCausalLMWithValueHead):
+        raise TypeError(f"ref_model must be an AutoModelForCausalLMWithValueHead or None, got {type(ref_model).__name__}")
+    if ref_model is model:
+        raise ValueError("ref_model must not be the policy model itself; pass None for a frozen copy")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token; set one first, e.g. tokenizer.pad_token = tokenizer.eos_token")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if lr_scheduler is not None and not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(f"lr_scheduler must be a torch LRScheduler or None, got {type(lr_scheduler).__name__}")
+    if num_shared_layers is not None:
+        raise ValueError("num_shared_layers is not supported: the reference model is a full frozen copy")

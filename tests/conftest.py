@@ -1,0 +1,100 @@
+"""Shared fixtures: a BPE tokenizer trained on the spot and tiny GPT-2 / Llama checkpoints, no hub."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = (
+    "the cat sat on the mat. a dog ran in the park. good day, bad day, happy day. "
+    "we like tea and cake. the sun is warm and the sky is blue. one two three four five. "
+    "ppo trains a policy with a value head and a reference model. rewards go up. "
+) * 8
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([CORPUS], trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                      bos_token="<eos>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    wrapped.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _gpt2(vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def _llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+BUILDERS = {"gpt2": _gpt2, "llama": _llama}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer_dir):
+    """{"gpt2": dir, "llama": dir}: tiny randomly initialised checkpoints saved with transformers."""
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    dirs = {}
+    for name, build in BUILDERS.items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(name)
+        build(vocab_size).save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model_dir(request, model_dirs):
+    return model_dirs[request.param]
+
+
+@pytest.fixture()
+def gpt2_dir(model_dirs):
+    return model_dirs["gpt2"]
+
+
+def make_batch(tokenizer, batch_size: int, seed: int = 0, max_query: int = 6, max_response: int = 7):
+    """Variable-length (query, response, score) lists of token ids drawn from the tokenizer's vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    queries, responses, scores = [], [], []
+    for _ in range(batch_size):
+        q_len = int(torch.randint(2, max_query + 1, (1,), generator=generator))
+        r_len = int(torch.randint(1, max_response + 1, (1,), generator=generator))
+        queries.append(torch.randint(2, vocab, (q_len,), generator=generator))
+        responses.append(torch.randint(2, vocab, (r_len,), generator=generator))
+        scores.append(torch.randn((), generator=generator))
+    return queries, responses, scores
