@@ -8,6 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine they lose a lot.
+torch.set_num_threads(1)
 
 CORPUS = (
     "the cat sat on the mat. a dog ran in the park. good day, bad day, happy day. "
