@@ -85,20 +85,25 @@ def step_stats(
         "objective/entropy": (-logprobs * maskf).sum(-1).mean(),
         "ppo/mean_non_score_reward": ops.masked_mean(-kl_coef * kls, mask),
         "ppo/mean_scores": scores.mean(),
-        "ppo/std_scores": scores.std(),
+        "ppo/std_scores": _std(scores),
     }
     query_lengths = torch.tensor(query_lengths, dtype=torch.float)
     response_lengths = torch.tensor(response_lengths, dtype=torch.float)
     stats["tokens/queries_len_mean"] = query_lengths.mean().item()
-    stats["tokens/queries_len_std"] = query_lengths.std().item()
+    stats["tokens/queries_len_std"] = _std(query_lengths).item()
     stats["tokens/queries_dist"] = query_lengths.numpy()
     stats["tokens/responses_len_mean"] = response_lengths.mean().item()
-    stats["tokens/responses_len_std"] = response_lengths.std().item()
+    stats["tokens/responses_len_std"] = _std(response_lengths).item()
     stats["tokens/responses_dist"] = response_lengths.numpy()
     for key, value in train_stats.items():
         stats[f"ppo/{key}"] = value
     stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
     return stats
+
+
+def _std(values: torch.Tensor) -> torch.Tensor:
+    """Sample standard deviation; 0 for a single value (where TRL reports NaN)."""
+    return values.float().std() if values.numel() > 1 else torch.zeros((), device=values.device)
 
 
 def to_python(stats: dict) -> dict:

@@ -1,0 +1,145 @@
+"""Bad input raises a clear error naming the argument, and changes no weights, optimizer state or counters."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_batch
+from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+
+@pytest.fixture()
+def trainer(gpt2_dir, tokenizer):
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-2, use_score_scaling=True)
+    trainer = PPOTrainer(config, model, None, tokenizer)
+    trainer.step(*make_batch(tokenizer, 4, seed=9))  # so the optimizer has state to protect
+    return trainer
+
+
+def _state(trainer):
+    return {
+        "weights": {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()},
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "kl_coef": trainer.kl_ctl.value,
+        "running": trainer.running.state_dict(),
+        "current_step": trainer.current_step,
+    }
+
+
+def _assert_unchanged(before, after):
+    for key, value in before["weights"].items():
+        assert torch.equal(value, after["weights"][key]), key
+    for param_id, state in before["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["optimizer"]["state"][param_id][name]))
+    assert before["kl_coef"] == after["kl_coef"]
+    assert before["running"] == after["running"]
+    assert before["current_step"] == after["current_step"]
+
+
+def _good(tokenizer):
+    return make_batch(tokenizer, 4, seed=3)
+
+
+def _replace(sequence, index, value):
+    out = list(sequence)
+    out[index] = value
+    return out
+
+
+BAD_STEP_INPUTS = {
+    # name: (function of (queries, responses, scores) → new (queries, responses, scores, masks), error, message)
+    "lists of different lengths": (lambda q, r, s: (q, r[:3], s, None), ValueError, "responses has 3 items"),
+    "batch size other than config": (lambda q, r, s: (q[:2], r[:2], s[:2], None), ValueError, "queries has 2 items"),
+    "empty response": (lambda q, r, s: (q, _replace(r, 1, torch.tensor([], dtype=torch.long)), s, None),
+                       ValueError, r"responses\[1\] is empty"),
+    "2-D query": (lambda q, r, s: (_replace(q, 0, q[0].unsqueeze(0)), r, s, None), ValueError,
+                  r"queries\[0\] must be 1-D"),
+    "float token ids": (lambda q, r, s: (q, _replace(r, 2, r[2].float()), s, None), TypeError,
+                        r"responses\[2\] must hold integer token ids"),
+    "ids outside the vocabulary": (lambda q, r, s: (_replace(q, 3, torch.tensor([5, 10_000])), r, s, None),
+                                   ValueError, r"queries\[3\] holds token ids .* outside the model's vocabulary"),
+    "negative id": (lambda q, r, s: (q, _replace(r, 0, torch.tensor([-1, 5])), s, None), ValueError,
+                    r"responses\[0\] holds token ids"),
+    "NaN score": (lambda q, r, s: (q, r, _replace(s, 1, torch.tensor(float("nan"))), None), ValueError,
+                  r"scores\[1\] is nan"),
+    "inf score": (lambda q, r, s: (q, r, _replace(s, 0, float("inf")), None), ValueError, r"scores\[0\] is inf"),
+    "non-scalar score": (lambda q, r, s: (q, r, _replace(s, 2, torch.tensor([1.0, 2.0])), None), ValueError,
+                         r"scores\[2\] must be a scalar"),
+    "scores not a list": (lambda q, r, s: (q, r, "good", None), TypeError, "scores must be a list"),
+    "scores as a 2-D tensor": (lambda q, r, s: (q, r, torch.zeros(4, 1), None), ValueError, "scores must be"),
+    "queries not a list": (lambda q, r, s: (torch.stack([x[:1] for x in q]), r, s, None), TypeError,
+                           "queries must be a list"),
+    "query not a tensor": (lambda q, r, s: (_replace(q, 0, [1, 2, 3]), r, s, None), TypeError,
+                           r"queries\[0\] must be a torch.Tensor"),
+    "tensor on another device": (lambda q, r, s: (q, _replace(r, 0, torch.ones(2, dtype=torch.long, device="meta")),
+                                                  s, None), ValueError, r"responses\[0\] is on meta"),
+    "score on another device": (lambda q, r, s: (q, r, _replace(s, 0, torch.tensor(1.0, device="meta")), None),
+                                ValueError, r"scores\[0\] is on meta"),
+    "response mask of wrong length": (lambda q, r, s: (q, r, s, [torch.ones(len(x) + 1) for x in r]), ValueError,
+                                      r"response_masks\[0\] has shape"),
+    "response mask all zero": (lambda q, r, s: (q, r, s, _replace([torch.ones(len(x)) for x in r], 1,
+                                                                    torch.zeros(len(r[1])))),
+                               ValueError, r"response_masks\[1\] masks out every token"),
+    "response mask not 0/1": (lambda q, r, s: (q, r, s, [torch.full((len(x),), 2) for x in r]), ValueError,
+                              r"response_masks\[0\] must hold only 0 and 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEP_INPUTS))
+def test_bad_step_input_raises_and_changes_nothing(trainer, tokenizer, case):
+    make, error, message = BAD_STEP_INPUTS[case]
+    queries, responses, scores, masks = make(*_good(tokenizer))
+    before = _state(trainer)
+    with pytest.raises(error, match=message):
+        trainer.step(queries, responses, scores, response_masks=masks)
+    _assert_unchanged(before, _state(trainer))
+    trainer.step(*_good(tokenizer))  # and the trainer still works
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (torch.tensor([[5, 6]]), ValueError, "query_tensor must be 1-D"),
+    (torch.tensor([5.0, 6.0]), TypeError, "query_tensor must hold integer"),
+    ([torch.tensor([5]), torch.tensor([], dtype=torch.long)], ValueError, r"query_tensor\[1\] is empty"),
+    ([torch.tensor([5, 99999])], ValueError, r"query_tensor\[0\] holds token ids"),
+    ("hello", TypeError, "query_tensor must be a list"),
+])
+def test_bad_generate_input(trainer, bad, error, message):
+    with pytest.raises(error, match=message):
+        trainer.generate(bad, max_new_tokens=2)
+
+
+def test_generate_batch_size_must_be_positive(trainer):
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer.generate([torch.tensor([5])], batch_size=0)
+
+
+def test_tokenizer_without_pad_token(gpt2_dir, tokenizer):
+    tokenizer.pad_token = None
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    with pytest.raises(ValueError, match="tokenizer has no pad token"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), model, None, tokenizer)
+
+
+@pytest.mark.parametrize("argument,kwargs,error,message", [
+    ("config", dict(config={"batch_size": 2}), TypeError, "config must be a fastppo.PPOConfig"),
+    ("model", dict(model="gpt2"), TypeError, "model must be a fastppo.AutoModelForCausalLMWithValueHead"),
+    ("ref_model", dict(ref_model=torch.nn.Linear(2, 2)), TypeError, "ref_model must be"),
+    ("tokenizer", dict(tokenizer="gpt2"), TypeError, "tokenizer must be a transformers tokenizer"),
+    ("optimizer", dict(optimizer="adam"), TypeError, "optimizer must be"),
+    ("num_shared_layers", dict(num_shared_layers=2), ValueError, "num_shared_layers"),
+])
+def test_bad_constructor_arguments(gpt2_dir, tokenizer, argument, kwargs, error, message):
+    args = dict(config=PPOConfig(batch_size=2, mini_batch_size=2),
+                model=AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir), tokenizer=tokenizer)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        PPOTrainer(**args)
+
+
+def test_ref_model_must_not_be_the_policy(gpt2_dir, tokenizer):
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    with pytest.raises(ValueError, match="ref_model must not be the policy"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), model, model, tokenizer)
