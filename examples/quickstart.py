@@ -241,6 +241,7 @@ def main(argv=None) -> dict:
         response_tensors = trainer.generate(
             query_tensors, return_prompt=False, batch_size=args.batch_size, **generation_kwargs
         )
+        t_gen = time.time() - t_step
         responses = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
         rewards = [sentiment_reward(r) for r in responses]
         scores = [torch.tensor(r, dtype=torch.float32, device=device) for r in rewards]
@@ -256,6 +257,7 @@ def main(argv=None) -> dict:
             "vf_loss": float(stats["ppo/loss/value"]),
             "total_loss": float(stats["ppo/loss/total"]),
             "seconds": time.time() - t_step,
+            "generate_seconds": t_gen,
         }
         history.append(row)
         if step == 1:
@@ -265,7 +267,7 @@ def main(argv=None) -> dict:
         tqdm.write(
             f"step {step:3d} | reward {row['reward_mean']:6.3f} | kl {row['kl']:6.3f} "
             f"(coef {row['kl_coef']:.3f}) | policy loss {row['pg_loss']:7.4f} | "
-            f"total loss {row['total_loss']:7.4f} | {row['seconds']:5.1f} s"
+            f"total loss {row['total_loss']:7.4f} | {row['seconds']:5.1f} s (generate {t_gen:.1f} s)"
         )
     bar.close()
 

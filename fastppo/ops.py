@@ -14,7 +14,6 @@ the eager reference (`fastppo.reference`). Backend choice:
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from typing import Callable, Optional
 
@@ -79,11 +78,9 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
 def _kernel(op: str) -> Optional[Callable]:
     """The Triton implementation of `op`, or None while no kernel exists for it."""
-    try:
-        module = importlib.import_module("fastppo.kernels")
-    except ImportError:
-        return None
-    return getattr(module, op, None)
+    from fastppo.kernels import kernel_for  # imports triton, so only once Triton was chosen
+
+    return kernel_for(op)
 
 
 def _implementation(op: str, backend: Optional[str], device: torch.device) -> Callable:

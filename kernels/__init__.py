@@ -1,15 +1,18 @@
 """Triton kernels of fastppo, installed as `fastppo.kernels`, one op per module.
 
-`fastppo.ops` looks an op up here by name (`fastppo.kernels.gae`, ...). Modules are
+`fastppo.ops` asks `kernel_for(op)` for an op's Triton implementation. Modules are
 imported on first use, so importing fastppo needs neither a GPU nor triton; an op whose
-module does not exist yet is simply absent (AttributeError), and ops falls back or
-raises as its backend rule says.
+module does not exist yet has no kernel (None), and ops falls back or raises as its
+backend rule says.
 """
 
-import importlib
+from __future__ import annotations
 
-# op name → module (kernels/<module>.py) that defines it
-_OP_MODULES = {
+import importlib
+from typing import Callable, Optional
+
+# op name → module (kernels/<module>.py) that defines a function of that name
+OP_MODULES = {
     "logprobs_from_logits": "logprobs",
     "full_kl": "full_kl",
     "kl_penalty_rewards": "kl_reward",
@@ -19,14 +22,16 @@ _OP_MODULES = {
 }
 
 
-def __getattr__(name):
-    module_name = _OP_MODULES.get(name)
+def kernel_for(op: str) -> Optional[Callable]:
+    """The Triton implementation of `op`, or None if fastppo has none."""
+    module_name = OP_MODULES.get(op)
     if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return None
+    qualified = f"{__name__}.{module_name}"
     try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
+        module = importlib.import_module(qualified)
     except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{module_name}":
+        if exc.name != qualified:
             raise
-        raise AttributeError(f"no Triton kernel module for {name} yet") from None
-    return getattr(module, name)
+        return None
+    return getattr(module, op, None)

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Without a GPU the kernels run under the Triton interpreter, which triton reads when it is
+# first imported (fastppo imports it through transformers/torch._dynamo): set it first.
+_interpret_set_here = "TRITON_INTERPRET" not in os.environ
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if torch.cuda.is_available() and _interpret_set_here:
+    del os.environ["TRITON_INTERPRET"]
+# backend="auto" means the reference in tests unless a test asks for Triton explicitly
+# (kernel tests call the kernels; test_backends compares the trainer on both backends).
+os.environ.setdefault("FASTPPO_BACKEND", "torch")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine they lose a lot.
 torch.set_num_threads(1)

@@ -47,11 +47,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _run(case: str):
+def _run(case: str, backend: str = "torch"):
     tokenizer = AutoTokenizer.from_pretrained(DATA / "tokenizer")
     model = AutoModelForCausalLMWithValueHead.from_pretrained(DATA / "init", attn_implementation="eager")
     ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(DATA / "init", attn_implementation="eager")
-    config = PPOConfig(**json.loads((DATA / case / "config.json").read_text()), backend="torch")
+    config = PPOConfig(**json.loads((DATA / case / "config.json").read_text()), backend=backend)
     trainer = PPOTrainer(config, model, ref_model, tokenizer)
     steps = torch.load(DATA / case / "inputs.pt")["steps"]
     results = []
@@ -62,9 +62,12 @@ def _run(case: str):
     return trainer, results
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_matches_trl(case):
-    trainer, results = _run(case)
+def test_step_matches_trl(case, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    trainer, results = _run(case, backend)
     recorded = json.loads((DATA / case / "stats.json").read_text())["steps"]
     assert len(results) == len(recorded)
     for step, ((stats, kl_coef_after), expected) in enumerate(zip(results, recorded)):

@@ -1,0 +1,132 @@
+"""Launch heuristics shared by the kernels: interpreter detection, block sizes, row layouts.
+
+Kernels never pick block sizes or warps themselves: they take them from here, so a tuning
+change (or a test forcing several vocabulary blocks) happens in one place.
+
+- Under the Triton interpreter (`TRITON_INTERPRET=1`, CPU tensors) every block costs a
+  round of numpy calls, so blocks are as large as the row allows.
+- On a GPU a row-streaming kernel (no tensor cores, loads not software-pipelined) keeps
+  HBM busy through many resident warps: 8 elements per thread per iteration (one 16-byte
+  load for bf16) with 16 warps compiles to 32-64 registers for the vocab kernels on sm_90,
+  so 2-4 programs share an SM and ~32 KB of loads are in flight per SM (Little's law asks
+  ~20 KB at 3.35 TB/s). Untuned on hardware so far: the numbers to sweep in bench/.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+import triton
+
+# Largest vocabulary block of one loop iteration. Tests shrink these to force many blocks.
+GPU_MAX_VOCAB_BLOCK = 4096
+INTERPRETER_MAX_VOCAB_BLOCK = 65536
+# Elements each thread holds per iteration on a GPU; num_warps follows from the block.
+GPU_ELEMENTS_PER_THREAD = 8
+GPU_MAX_WARPS = 16
+
+
+def is_interpreted(device: torch.device) -> bool:
+    """Whether kernels on `device` run under the Triton interpreter (CPU tensors, or TRITON_INTERPRET=1)."""
+    return torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def vocab_block(n_cols: int, device: torch.device) -> Tuple[int, int]:
+    """(BLOCK, num_warps) for a kernel that loops over rows of `n_cols` in blocks of BLOCK columns."""
+    if is_interpreted(device):
+        return min(triton.next_power_of_2(n_cols), INTERPRETER_MAX_VOCAB_BLOCK), 1
+    block = min(triton.next_power_of_2(n_cols), GPU_MAX_VOCAB_BLOCK)
+    num_warps = max(1, min(GPU_MAX_WARPS, block // (32 * GPU_ELEMENTS_PER_THREAD)))
+    return block, num_warps
+
+
+# --------------------------------------------------------------------------- row layouts
+#
+# A `[..., V]` tensor is a set of rows. Row kernels address row r (C order over the leading
+# dims) as  base + (r // n_inner)·stride_outer + (r % n_inner)·stride_inner, which covers
+# contiguous tensors and the common views (`logits[:, :-1]`, `logits[:, -T:]`, a transposed
+# batch) without copying. Views that need more than two strided levels are cut along
+# their first dimension into pieces that do not (a loop of launches, still no copy).
+
+RowLayout = Tuple[int, int, int, int]  # (n_inner, stride_outer, stride_inner, stride_col)
+
+
+def row_layout(x: torch.Tensor) -> Optional[RowLayout]:
+    """`x`'s leading dims as at most two strided levels, or None when that is impossible."""
+    merged = []  # [size, stride] from outer to inner, adjacent dims merged where they nest
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    stride_col = x.stride(-1)
+    if not merged:
+        return 1, 0, 0, stride_col
+    if len(merged) == 1:
+        return merged[0][0], 0, merged[0][1], stride_col
+    if len(merged) == 2:
+        return merged[1][0], merged[0][1], merged[1][1], stride_col
+    return None
+
+
+def row_pieces(*tensors: torch.Tensor, prefix: tuple = ()) -> Iterator[Tuple[tuple, Sequence[RowLayout]]]:
+    """Yield (index, layouts): `t[index]` of every tensor has a two-level row layout `layouts[i]`.
+
+    The tensors share their leading shape. Usually a single piece, index `()`.
+    """
+    views = [t[prefix] for t in tensors]
+    layouts = [row_layout(v) for v in views]
+    if all(layout is not None for layout in layouts):
+        yield prefix, layouts
+        return
+    for i in range(views[0].shape[0]):
+        yield from row_pieces(*tensors, prefix=prefix + (i,))
+
+
+def check_column_offsets(x: torch.Tensor, name: str) -> None:
+    """Kernels index columns with int32 offsets (row offsets are int64): refuse a layout that overflows them."""
+    if (x.shape[-1] - 1) * abs(x.stride(-1)) >= 2**31:
+        raise ValueError(f"{name}: a row spans ≥ 2**31 elements (last-dim stride {x.stride(-1)}); "
+                         "make the last dim contiguous")
+
+
+# --------------------------------------------------------------------------- [B, T] token tiles
+# (appended for kl_reward.py, gae.py, ppo_loss.py)
+#
+# The per-token kernels work on tiles of BLOCK_B rows × BLOCK_T positions. Row-sequential
+# kernels (kl rewards, GAE) give each program whole rows and loop over T from the end;
+# elementwise + reduction kernels (whitening, ppo_loss) spread the tiles over at most
+# MAX_TOKEN_PARTIALS programs, each writing one row of partial sums. These ops are
+# launch-bound: a tile of ~2048 elements per program step keeps enough loads in flight.
+
+GPU_TOKEN_TILE = 2048
+INTERPRETER_TOKEN_TILE = 16384
+MAX_TOKEN_BLOCK_T = 2048  # positions per loop step (GAE: per associative scan). Tests shrink it.
+MAX_TOKEN_PARTIALS = 512  # programs of a partial-sum kernel = rows of its partials buffer
+
+
+def token_tiles(n_rows: int, n_cols: int, device: torch.device, scan: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_T, num_warps) for a `[n_rows, n_cols]` token kernel.
+
+    `scan=True` (GAE) under the interpreter keeps one row per program: its scan runs element
+    by element in Python, so padding rows would cost as much as real ones.
+    """
+    interpreted = is_interpreted(device)
+    tile = INTERPRETER_TOKEN_TILE if interpreted else GPU_TOKEN_TILE
+    block_t = min(triton.next_power_of_2(max(n_cols, 1)), MAX_TOKEN_BLOCK_T, tile)
+    block_b = min(triton.next_power_of_2(max(n_rows, 1)), max(1, tile // block_t))
+    if interpreted:
+        return (1 if scan else block_b), block_t, 1
+    num_warps = max(1, min(GPU_MAX_WARPS, block_b * block_t // (32 * GPU_ELEMENTS_PER_THREAD)))
+    return block_b, block_t, num_warps
+
+
+def device_guard(tensor: torch.Tensor):
+    """A context that makes `tensor`'s CUDA device current for a launch (a no-op on CPU)."""
+    import contextlib
+
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

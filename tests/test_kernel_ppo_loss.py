@@ -1,0 +1,240 @@
+"""kernels/ppo_loss.py forward stats and backward against reference.ppo_loss + torch autograd."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (see kernel_utils)
+pytest.importorskip("triton")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fastppo import ops, reference  # noqa: E402
+from fastppo.kernels import _launch  # noqa: E402
+from fastppo.kernels import ppo_loss as ppo_loss_module  # noqa: E402
+from fastppo.kernels.ppo_loss import ppo_loss  # noqa: E402
+from kernel_utils import DEVICE, ON_GPU, interpreter_unusable  # noqa: E402
+from tolerances import tol  # noqa: E402
+
+NAMES = ("logprobs", "old_logprobs", "values", "old_values", "advantages", "returns")
+STATS = ("loss", "pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "policykl", "ratio_mean",
+         "vpred_mean", "value_error", "ratio")
+# upstream gradients of (loss, pg_loss, vf_loss); None = that output unused
+UPSTREAM = (0.7, -1.3, 2.1)
+
+
+pytestmark = [
+    # the interpreter evaluates both sides of tl.where in numpy, and empty masks divide 0 by 0 on purpose
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _kernels_can_run():
+    reason = interpreter_unusable()
+    if reason is not None:
+        pytest.fail(reason)
+
+
+def _spy(monkeypatch, module, name):
+    """Count calls of module.name, as ops looks it up through fastppo.kernels."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # ops reads it per call
+    return calls
+
+
+def _inputs(B, T, seed=0, dtype=torch.float32, mask_dtype=torch.bool, spread=0.3):
+    """Ratios and values spread by `spread` around the old ones: with ε = 0.2 some tokens clip, others not."""
+    g = torch.Generator().manual_seed(seed)
+    old_logprobs = -torch.rand(B, T, generator=g) * 3
+    old_values = torch.randn(B, T, generator=g)
+    tensors = dict(
+        logprobs=old_logprobs + spread * torch.randn(B, T, generator=g),
+        old_logprobs=old_logprobs,
+        values=old_values + spread * torch.randn(B, T, generator=g),
+        old_values=old_values,
+        advantages=torch.randn(B, T, generator=g),
+        returns=old_values + torch.randn(B, T, generator=g),
+    )
+    mask = torch.rand(B, T, generator=g) > 0.25
+    if B > 1:
+        mask[1] = False  # a fully masked row
+    tensors = {k: v.to(dtype).to(DEVICE) for k, v in tensors.items()}
+    return dict(**tensors, mask=mask.to(mask_dtype).to(DEVICE))
+
+
+def _run(fn, inputs, upstream=UPSTREAM, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1):
+    """fn's outputs and the gradients of Σ upstream_i·N·(loss, pg_loss, vf_loss)_i w.r.t. logprobs and values.
+
+    The factor N (tokens) keeps per-token gradients O(1), so the float32 atol is not vacuous.
+    """
+    leaves = {k: (v.detach().clone().requires_grad_() if k in ("logprobs", "values") else v) for k, v in inputs.items()}
+    out = fn(**leaves, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef)
+    n = inputs["mask"].numel()
+    terms = [g * n * x for g, x in zip(upstream, (out.loss, out.pg_loss, out.vf_loss)) if g is not None]
+    if terms:
+        sum(terms).backward()
+    return out, leaves["logprobs"].grad, leaves["values"].grad
+
+
+def _check(inputs, upstream=UPSTREAM, **kwargs):
+    out, dlogp, dv = _run(ppo_loss, inputs, upstream, **kwargs)
+    expected, expected_dlogp, expected_dv = _run(reference.ppo_loss, inputs, upstream, **kwargs)
+    assert isinstance(out, reference.PPOLossOutput)
+    for name in STATS:
+        got, want = getattr(out, name), getattr(expected, name)
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        # same inputs on both sides, float32 math on both: float32 tolerance
+        torch.testing.assert_close(got, want, **tol(torch.float32), equal_nan=True, msg=name)
+    assert not out.ratio.requires_grad and not out.pg_clipfrac.requires_grad
+    # gradients come back in the input dtype: one rounding to it may differ
+    grad_tol = tol(inputs["logprobs"].dtype)
+    for got, want in ((dlogp, expected_dlogp), (dv, expected_dv)):
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, **grad_tol, equal_nan=True)
+    return out, dlogp, dv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+def test_matches_reference_forward_and_backward(dtype, mask_dtype):
+    out, _, _ = _check(_inputs(5, 37, dtype=dtype, mask_dtype=mask_dtype))
+    assert 0.1 < out.pg_clipfrac < 0.9 and 0.1 < out.vf_clipfrac < 0.9  # clipping active for some tokens only
+
+
+@pytest.mark.parametrize("upstream", [(1.0, None, None), (None, 2.0, None), (None, None, -0.5), (0.0, 1.0, 1.0)])
+def test_each_upstream_gradient(upstream):
+    _check(_inputs(3, 11, seed=1), upstream)
+
+
+def test_trainer_keep_factor():
+    """The trainer multiplies the losses by a 0/1 tensor and backpropagates loss only."""
+    inputs = _inputs(3, 11, seed=2)
+    for keep in (1.0, 0.0):
+        grads = []
+        for fn in (ppo_loss, reference.ppo_loss):
+            lp = inputs["logprobs"].clone().requires_grad_()
+            v = inputs["values"].clone().requires_grad_()
+            out = fn(lp, inputs["old_logprobs"], v, *(inputs[k] for k in NAMES[3:]), inputs["mask"], 0.2, 0.2, 0.1)
+            keep_t = torch.tensor(keep, device=DEVICE)
+            out = out._replace(loss=out.loss * keep_t, pg_loss=out.pg_loss * keep_t, vf_loss=out.vf_loss * keep_t)
+            out.loss.backward()
+            grads.append((lp.grad, v.grad))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+def test_only_values_or_only_logprobs_need_grad():
+    inputs = _inputs(2, 9, seed=3)
+    for trainable in ("logprobs", "values"):
+        leaf = inputs[trainable].clone().requires_grad_()
+        args = {**inputs, trainable: leaf}
+        ppo_loss(**args, cliprange=0.2, cliprange_value=0.2, vf_coef=0.5).loss.backward()
+        ref_leaf = inputs[trainable].clone().requires_grad_()
+        reference.ppo_loss(**{**inputs, trainable: ref_leaf}, cliprange=0.2, cliprange_value=0.2,
+                           vf_coef=0.5).loss.backward()
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad, **tol(torch.float32))
+
+
+def test_ties_and_clip_boundaries_match_autograd():
+    """Exact ties split the gradient in half (torch.maximum); clamp passes it on its inclusive bounds."""
+    B, T = 2, 8
+    inputs = _inputs(B, T, seed=4)
+    inputs["mask"] = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    # row 0: the first PPO epoch — ratio exactly 1, values exactly old; ties everywhere
+    inputs["logprobs"][0] = inputs["old_logprobs"][0]
+    inputs["values"][0] = inputs["old_values"][0]
+    # row 1: value moved by 3 from old with ε_v = 1, return halfway between v and its clip → (v−R)² == (v_c−R)²
+    inputs["old_values"][1] = 0.0
+    inputs["values"][1] = 3.0
+    inputs["returns"][1] = 2.0
+    inputs["advantages"][1, :4] = 0.0  # −A·r == −A·clip(r) == 0: pg ties with the ratio out of range
+    for cliprange, cliprange_value in ((0.2, 1.0), (0.0, 0.0)):  # 0: the clip range is the single point 1
+        _check(inputs, cliprange=cliprange, cliprange_value=cliprange_value)
+
+
+@pytest.fixture()
+def small_blocks(monkeypatch):
+    """Many tiles (2 rows × 8 positions) spread over 3 programs: the grid-stride loop and the reduction."""
+    monkeypatch.setattr(_launch, "MAX_TOKEN_BLOCK_T", 8)
+    monkeypatch.setattr(_launch, "INTERPRETER_TOKEN_TILE", 16)
+    monkeypatch.setattr(_launch, "GPU_TOKEN_TILE", 16)
+    monkeypatch.setattr(_launch, "MAX_TOKEN_PARTIALS", 3)
+
+
+def test_many_tiles_few_programs(small_blocks):
+    _check(_inputs(7, 37, seed=5))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1)])
+def test_tiny_shapes(shape):
+    inputs = _inputs(*shape, seed=6)
+    inputs["mask"].view(-1)[0] = True
+    _check(inputs)
+
+
+def test_fully_masked_batch_is_nan_like_the_reference():
+    inputs = _inputs(2, 5, seed=7)
+    inputs["mask"] = torch.zeros_like(inputs["mask"])
+    out, _, _ = _check(inputs)  # gradients: NaN where the reference's are (0/0 · 0), equal elsewhere
+    assert out.loss.isnan() and out.pg_clipfrac.isnan()
+
+
+def test_non_contiguous_inputs():
+    inputs = _inputs(3, 14, seed=8)
+    views = {k: v[:, 1:] for k, v in inputs.items()}  # column slices
+    views["returns"] = inputs["returns"][:, :-1].t().contiguous().t()  # column-major
+    views["logprobs"] = inputs["logprobs"][:, :-1].t().contiguous().t()
+    assert not views["values"].is_contiguous() and not views["logprobs"].is_contiguous()
+    _check(views)
+
+
+def test_gradient_flows_through_a_sliced_leaf():
+    """logprobs = base[:, :-1] as in the trainer: the gradient lands in the right columns of base."""
+    inputs = _inputs(2, 7, seed=9)
+    start = torch.cat([inputs["old_logprobs"], inputs["old_logprobs"][:, :1]], dim=1) + 0.1
+    grads = []
+    for fn in (ppo_loss, reference.ppo_loss):
+        base = start.clone().requires_grad_()
+        fn(base[:, :-1], *(inputs[k] for k in NAMES[1:]), inputs["mask"], 0.2, 0.2, 0.1).pg_loss.backward()
+        grads.append(base.grad)
+    torch.testing.assert_close(*grads, **tol(torch.float32))
+
+
+def test_ops_dispatches_to_the_kernel(monkeypatch):
+    calls = _spy(monkeypatch, ppo_loss_module, "ppo_loss")
+    inputs = _inputs(2, 6, seed=10)
+    for _ in range(2):  # the second lookup too (a submodule named like its op can shadow it)
+        out = ops.ppo_loss(*(inputs[k] for k in NAMES), inputs["mask"], 0.2, 0.2, 0.1, backend="triton")
+    expected = reference.ppo_loss(**inputs, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    torch.testing.assert_close(out.loss, expected.loss, **tol(torch.float32))
+    assert len(calls) == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 4), T=st.integers(1, 40), seed=st.integers(0, 2**16),
+    cliprange=st.floats(0.0, 0.5), cliprange_value=st.floats(0.0, 1.0), vf_coef=st.floats(0.0, 2.0),
+    spread=st.floats(0.0, 1.0), upstream=st.tuples(*[st.none() | st.floats(-3.0, 3.0)] * 3),
+)
+def test_property(B, T, seed, cliprange, cliprange_value, vf_coef, spread, upstream):
+    inputs = _inputs(B, T, seed=seed, spread=spread)
+    inputs["mask"].view(-1)[0] = True
+    _check(inputs, upstream, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_one_million_tokens(dtype):
+    _check(_inputs(128, 8192, seed=11, dtype=dtype))
+    _check(_inputs(3, 100003, seed=12, dtype=dtype))
