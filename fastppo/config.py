@@ -124,6 +124,12 @@ class PPOConfig:
     """Accepted for TRL compatibility; not used."""
     backend: str = "auto"
     """Kernel backend of `fastppo.ops`: "auto" (Triton where it runs), "triton" or "torch"; env FASTPPO_BACKEND overrides "auto"."""
+    response_only_logits: bool = False
+    """Apply the LM head only at response positions (not prompt or padding); same training math, less memory."""
+    fused_lm_head: bool = False
+    """Log-probs straight from hidden states and the LM head weight (`ops.linear_logprobs`), never holding [N, V] logits; implies response_only_logits."""
+    rollout_batch_size: Optional[int] = None
+    """Rows per forward pass of the no-grad rollout (policy and reference); None: mini_batch_size, as TRL."""
 
     def __post_init__(self) -> None:
         if self.optimize_cuda_cache is not None:
@@ -165,6 +171,14 @@ class PPOConfig:
             _require(self, "max_grad_norm", lambda v: v > 0, "a positive number or None")
         if self.score_clip is not None:
             _require(self, "score_clip", lambda v: v > 0, "a positive number or None")
+        if self.rollout_batch_size is not None and (
+            isinstance(self.rollout_batch_size, bool) or not isinstance(self.rollout_batch_size, int)
+            or self.rollout_batch_size < 1
+        ):
+            raise ValueError(f"PPOConfig.rollout_batch_size must be a positive integer or None, got {self.rollout_batch_size!r}")
+        if self.fused_lm_head and self.kl_penalty == "full":
+            raise ValueError("PPOConfig.fused_lm_head=True cannot compute kl_penalty='full' (it needs full logits); "
+                             "use response_only_logits=True instead")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True")
 

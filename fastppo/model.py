@@ -135,13 +135,22 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         return_past_key_values: bool = False,
         upcast_logits: bool = True,
+        output: str = "logits",
         **kwargs,
     ):
         """Run the LM and the value head: returns `(lm_logits [B, T, V], loss, value [B, T])`.
 
         Logits are upcast to float32 (TRL's behaviour) unless `upcast_logits=False`, which
         fastppo's trainer uses so that bf16 logits are read once by the log-prob op instead.
+        `output="hidden"` skips the LM head and returns the final hidden state `[B, T, H]`
+        in the first slot (the LM head's input), for heads applied outside (fused log-probs).
         """
+        if output == "hidden":
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            value = self.v_head(hidden.to(self.v_head.summary.weight.device)).squeeze(-1)
+            return hidden, None, value
+        if output != "logits":
+            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         kwargs["output_hidden_states"] = True
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
@@ -164,6 +173,21 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     @property
     def config(self):
         return self.pretrained_model.config
+
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The transformers causal LM (under the PEFT wrapper, for PEFT models)."""
+        return self.pretrained_model.get_base_model() if self.is_peft_model else self.pretrained_model
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The causal LM without its head: returns `last_hidden_state`, the LM head's input."""
+        return self.causal_lm.base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection `[V, H]` (and bias, if any) that turns hidden states into logits."""
+        return self.causal_lm.get_output_embeddings()
 
     @property
     def device(self) -> torch.device:
@@ -224,6 +248,21 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             yield
         finally:
             del self.pretrained_model._modules["v_head"]
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Set every dropout probability in `module` to 0 (nn.Dropout layers and float `*dropout*` attributes).
+
+    TRL runs every forward of `step` in eval mode, so dropout never applies there; with
+    gradient checkpointing the training forward must run in train mode instead (transformers
+    checkpoints only while training), and this keeps the math the same.
+    """
+    for submodule in module.modules():
+        if isinstance(submodule, nn.Dropout):
+            submodule.p = 0.0
+        for name, value in list(vars(submodule).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(submodule, name, 0.0)
 
 
 def create_reference_model(model: AutoModelForCausalLMWithValueHead, num_shared_layers: Optional[int] = None):

@@ -28,6 +28,7 @@ __all__ = [
     "full_kl",
     "gae",
     "kl_penalty_rewards",
+    "linear_logprobs",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",
@@ -255,3 +256,61 @@ def ppo_loss(
     impl = _implementation("ppo_loss", backend, logprobs.device)
     return impl(logprobs, old_logprobs, values, old_values, advantages, returns, mask,
                 float(cliprange), float(cliprange_value), float(vf_coef))
+
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+):
+    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), float32,
+    without ever holding the `[N, V]` logits.
+
+    hidden `[..., H]` and weight `[V, H]` (nn.Linear layout, e.g. the LM head) of one float
+    dtype, labels `[...]` integer, bias `[V]` or None → `[...]` float32 (≤ 0); with
+    `return_entropy=True`, also the entropy `[...]`. Tokens go `chunk_size` at a time (None:
+    a default sized so one chunk's logits stay ~256 MB on a GPU); each chunk's logits are the
+    matmul in the input dtype, upcast to float32 for the log-softmax, and are recomputed in
+    backward. Differentiable w.r.t. hidden, weight and bias. Raises TypeError/ValueError
+    naming the argument on wrong types, dtypes, shapes or devices.
+    """
+    _check_tensor("hidden", hidden, floating=True)
+    _check_tensor("weight", weight, ndim=2, floating=True)
+    _check_tensor("labels", labels)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if hidden.dim() < 1 or hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden shape without its last dim "
+                         f"{tuple(hidden.shape[:-1])}")
+    if weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with V ≥ 1 and H = hidden's last dim {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    named = [("weight", weight), ("labels", labels)]
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1, floating=True)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
+        named.append(("bias", bias))
+    for name, tensor in named:
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    impl = _implementation("linear_logprobs", backend, hidden.device)
+    return impl(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
+                chunk_size=chunk_size)

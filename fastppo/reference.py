@@ -215,3 +215,112 @@ def ppo_loss(
         value_error=value_error,
         ratio=ratio.detach(),
     )
+
+
+# --------------------------------------------------------------------------- linear log-probs
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`[C, V]` logits of one chunk: the matmul in the input dtype (as the model's lm_head), then float32."""
+    return torch.nn.functional.linear(hidden, weight, bias).float()
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Chunked linear log-probs: saves hidden, weight, bias, labels and the float32 LSE `[N]`; recomputes logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, chunk_size):
+        logps, entropies, lses = [], [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            scaled = _chunk_logits(hidden[rows], weight, bias) / temperature  # y = z / T, [C, V]
+            lse = torch.logsumexp(scaled, dim=-1)
+            logp_all = scaled - lse.unsqueeze(-1)  # log p, ≤ 0
+            logps.append(logp_all.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1))
+            lses.append(lse)
+            if return_entropy:
+                entropies.append(_entropy(logp_all))
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        logp = torch.cat(logps) if logps else empty
+        lse = torch.cat(lses) if lses else empty
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        if return_entropy:
+            return logp, (torch.cat(entropies) if entropies else empty)
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        # Weight and bias gradients sum over every chunk: accumulate in float32, round once at the end.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            scaled = _chunk_logits(hidden[rows], weight, bias) / temperature
+            logp_all = scaled - lse[rows].unsqueeze(-1)
+            p = logp_all.exp()
+            grad_scaled = torch.zeros_like(p)
+            if grad_logp is not None:  # ∂logp/∂y = onehot − p
+                onehot = torch.zeros_like(p).scatter_(-1, labels[rows].unsqueeze(-1), 1.0)
+                grad_scaled += grad_logp[rows].float().unsqueeze(-1) * (onehot - p)
+            if grad_entropy is not None:  # ∂H/∂y = −p·(log p + H); p = 0 contributes 0
+                entropy = _entropy(logp_all)
+                term = torch.where(p > 0, p * (logp_all + entropy.unsqueeze(-1)), 0.0)
+                grad_scaled -= grad_entropy[rows].float().unsqueeze(-1) * term
+            # ∂L/∂z in the logits' dtype, as the logprobs op hands it to the lm_head's backward
+            grad_logits = (grad_scaled / temperature).to(hidden.dtype)
+            if needs_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if needs_weight:
+                grad_weight += grad_logits.t() @ hidden[rows]
+            if needs_bias:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    """H = −Σ p·log p over the last dim, from float32 log-probs (−inf entries contribute 0)."""
+    p = logp_all.exp()
+    return -torch.where(p > 0, p * logp_all, 0.0).sum(-1)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, never holding `[N, V]` logits.
+
+    hidden `[..., H]`, weight `[V, H]` (nn.Linear layout), labels `[...]` int, bias `[V]` or
+    None, one float dtype → float32 `[...]` (≤ 0); with `return_entropy`, also the entropy
+    float32 `[...]`. Tokens go `chunk_size` at a time (default: `linear_logprobs_chunk_size`,
+    shared with the Triton path): each chunk's logits are the matmul in the input dtype (what
+    the model's lm_head computes), upcast to float32 for the log-softmax. The backward
+    recomputes each chunk's logits from hidden, weight, bias and the saved float32
+    log-sum-exp `[N]`; extra memory is O(chunk_size × V) plus a float32 `[V, H]` gradient
+    accumulator. Differentiable w.r.t. hidden, weight and bias.
+    """
+    lead_shape, n_hidden = hidden.shape[:-1], hidden.shape[-1]
+    hidden2d, labels1d = hidden.reshape(-1, n_hidden), labels.reshape(-1).long()
+    if chunk_size is None:
+        from fastppo.kernels._launch import linear_logprobs_chunk_size  # pure Python: needs no triton
+
+        chunk_size = linear_logprobs_chunk_size(hidden2d.shape[0], weight.shape[0], hidden.device)
+    out = _LinearLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature), return_entropy, int(chunk_size))
+    if return_entropy:
+        return out[0].reshape(lead_shape), out[1].reshape(lead_shape)
+    return out.reshape(lead_shape)

@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import inputs, ops, stats as step_statistics
+from . import heads, inputs, ops, stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
-from .model import AutoModelForCausalLMWithValueHead, create_reference_model
+from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
 
 
 class Rollout(NamedTuple):
@@ -82,10 +82,14 @@ class PPOTrainer:
         config.is_peft_model = model.is_peft_model
         self.is_peft_model = model.is_peft_model
 
+        self.head_mode = heads.head_mode(config)
+        if self.head_mode != "full":
+            heads.check_plain_lm_head(model)
         if ref_model is None and not self.is_peft_model:
             ref_model = create_reference_model(model)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            disable_dropout(model)  # the training forward then runs in train mode (see _train_minibatch)
         if optimizer is None:
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
         self.dataset = dataset
@@ -229,7 +233,7 @@ class PPOTrainer:
 
         t = time.time()
         input_ids, attention_mask, mask = self._pad_batch(batch.queries, batch.responses, batch.response_masks)
-        rollout = self._rollout(input_ids, attention_mask)
+        rollout = self._rollout(input_ids, attention_mask, mask)
         timing["time/ppo/forward_pass"] = time.time() - t
 
         t = time.time()
@@ -300,32 +304,29 @@ class PPOTrainer:
             mask[row, first: first + len(response)] = 1 if response_masks is None else response_masks[row]
         return input_ids, attention_mask, mask
 
-    def _forward(self, model, input_ids, attention_mask, return_entropy: bool = False):
-        """Log-probs of the next tokens `[b, L-1]` (and entropies), values `[b, L-1]`, logits view."""
-        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=False)
-        shifted = logits[:, :-1]
-        result = ops.logprobs_from_logits(shifted, input_ids[:, 1:], return_entropy=return_entropy,
-                                          backend=self.config.backend)
-        return result, values[:, :-1], shifted
+    def _forward(self, model, input_ids, attention_mask, mask, return_entropy: bool = False) -> heads.TokenOutputs:
+        """Next-token log-probs (and entropies) and values `[b, L-1]`, through the configured LM-head path."""
+        return heads.token_outputs(model, self.accelerator.unwrap_model(model), input_ids, attention_mask, mask,
+                                   self.head_mode, self.config.backend, return_entropy=return_entropy)
 
     @torch.no_grad()
-    def _rollout(self, input_ids, attention_mask) -> Rollout:
-        """Policy and reference forward passes over the batch, `mini_batch_size` rows at a time."""
+    def _rollout(self, input_ids, attention_mask, mask) -> Rollout:
+        """Policy and reference forward passes over the batch, `rollout_batch_size` rows at a time."""
         full = self.config.kl_penalty == "full"
-        chunk = self.config.mini_batch_size
+        chunk = self.config.rollout_batch_size or self.config.mini_batch_size
         self.model.eval()
         parts = {"logprobs": [], "ref_logprobs": [], "values": [], "full_kl": []}
         for start in range(0, input_ids.shape[0], chunk):
-            ids, am = input_ids[start:start + chunk], attention_mask[start:start + chunk]
-            logprobs, values, logits = self._forward(self.model, ids, am)
+            rows = slice(start, start + chunk)
+            policy = self._forward(self.model, input_ids[rows], attention_mask[rows], mask[rows])
             with self._reference_context():
-                ref_logprobs, _, ref_logits = self._forward(self._reference_model(), ids, am)
-            parts["logprobs"].append(logprobs)
-            parts["ref_logprobs"].append(ref_logprobs)
-            parts["values"].append(values.float())
+                reference = self._forward(self._reference_model(), input_ids[rows], attention_mask[rows], mask[rows])
+            parts["logprobs"].append(policy.logprobs)
+            parts["ref_logprobs"].append(reference.logprobs)
+            parts["values"].append(policy.values.float())
             if full:
-                parts["full_kl"].append(ops.full_kl(logits, ref_logits, backend=self.config.backend))
-            del logits, ref_logits
+                parts["full_kl"].append(heads.full_kl(policy, reference, mask[rows], self.config.backend))
+            del policy, reference
         return Rollout(
             logprobs=torch.cat(parts["logprobs"]),
             ref_logprobs=torch.cat(parts["ref_logprobs"]),
@@ -389,8 +390,10 @@ class PPOTrainer:
     def _train_minibatch(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask):
         """Forward (eval mode, as TRL), loss, backward, optimizer step for one mini-batch."""
         config = self.config
-        self.model.eval()
-        (logprobs, entropy), values, _ = self._forward(self.model, input_ids, attention_mask, return_entropy=True)
+        # Dropout never applies (TRL runs this in eval mode); gradient checkpointing needs train
+        # mode, so with it dropout was disabled at construction instead.
+        self.model.train(config.gradient_checkpointing)
+        logprobs, entropy, values, _ = self._forward(self.model, input_ids, attention_mask, mask, return_entropy=True)
         out = ops.ppo_loss(logprobs, old_logprobs, values.float(), old_values, advantages, returns, mask,
                            config.cliprange, config.cliprange_value, config.vf_coef, backend=self.config.backend)
         # TRL's loss-spike guard: zero the loss of a mini-batch whose mean ratio is too high

@@ -19,6 +19,7 @@ OP_MODULES = {
     "gae": "gae",
     "masked_whiten": "gae",
     "ppo_loss": "ppo_loss",
+    "linear_logprobs": "linear_logprobs",
 }
 
 

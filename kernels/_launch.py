@@ -18,7 +18,11 @@ import os
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
-import triton
+
+try:
+    import triton
+except Exception:  # the linear_logprobs chunk heuristic at the end serves the reference too, which runs without triton
+    triton = None
 
 # Largest vocabulary block of one loop iteration. Tests shrink these to force many blocks.
 GPU_MAX_VOCAB_BLOCK = 4096
@@ -130,3 +134,29 @@ def device_guard(tensor: torch.Tensor):
     import contextlib
 
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- linear_logprobs token chunks
+# (appended for linear_logprobs.py; pure Python: fastppo.reference uses the same default, without triton)
+#
+# linear_logprobs holds one chunk of logits, [chunk, V], at a time (forward and backward each
+# one buffer on the Triton path; the eager reference a few float32 temporaries of that size).
+# On a GPU the chunk is as many tokens as fit ~2**27 logits (256 MB in bf16: at V = 128256,
+# 1024 tokens, enough M for cuBLAS to run near peak); fewer than 128 tokens would starve the
+# tensor cores even at huge V, and beyond 8192 the matmul gains nothing more, so small
+# vocabularies get smaller buffers. On CPU (and under the interpreter) ~2**22 logits keep the
+# reference's float32 temporaries in tens of MB. Untuned on hardware: sweep in bench/.
+
+LINEAR_CHUNK_LOGITS_GPU = 2**27
+LINEAR_CHUNK_LOGITS_CPU = 2**22
+LINEAR_CHUNK_MIN_TOKENS = 128
+LINEAR_CHUNK_MAX_TOKENS = 8192
+LINEAR_CHUNK_MULTIPLE = 64  # whole tensor-core tiles along M
+
+
+def linear_logprobs_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
+    """Tokens per chunk for linear_logprobs over `n_tokens` rows and a `vocab`-sized head on `device`."""
+    budget = LINEAR_CHUNK_LOGITS_GPU if torch.device(device).type == "cuda" else LINEAR_CHUNK_LOGITS_CPU
+    chunk = min(max(budget // max(vocab, 1), LINEAR_CHUNK_MIN_TOKENS), LINEAR_CHUNK_MAX_TOKENS)
+    chunk -= chunk % LINEAR_CHUNK_MULTIPLE
+    return max(1, min(chunk, n_tokens))

@@ -102,7 +102,7 @@ def test_full_kl_is_the_exact_divergence(gpt2_dir, tokenizer):
         trainer.unwrapped_model.v_head.summary.weight.add_(1.0)  # values move, logits do not
         for p in trainer.unwrapped_model.pretrained_model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    rollout = trainer._rollout(ids, am)
+    rollout = trainer._rollout(ids, am, mask)
     with torch.no_grad():
         p_logits = trainer.unwrapped_model(input_ids=ids, attention_mask=am)[0][:, :-1]
         q_logits = trainer.ref_model(input_ids=ids, attention_mask=am)[0][:, :-1]

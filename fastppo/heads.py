@@ -1,0 +1,102 @@
+"""Next-token log-probs and values from one forward pass of a value-head model, three ways.
+
+- "full" (TRL's way, the default): the LM head over every position, log-probs from the
+  `[b, L-1, V]` logits.
+- "response": the LM head only at response positions (`mask` set): `[n, V]` logits for
+  the n response tokens instead of `[b, L-1, V]`.
+- "fused": no logits at all: `ops.linear_logprobs` from the response positions' hidden
+  states and the LM head weight, O(chunk × V) memory.
+
+All three give the same log-probs at response positions; "response" and "fused" leave 0
+elsewhere (those positions are masked out of every loss and statistic but
+`objective/logprobs`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import ops
+from .model import AutoModelForCausalLMWithValueHead
+
+# Config attributes of models whose logits are not just `lm_head(hidden)`.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def head_mode(config) -> str:
+    """"full", "response" or "fused", from a PPOConfig."""
+    if config.fused_lm_head:
+        return "fused"
+    return "response" if config.response_only_logits else "full"
+
+
+def check_plain_lm_head(model: AutoModelForCausalLMWithValueHead) -> None:
+    """Raise unless the model's logits are exactly `lm_head(last_hidden_state)`."""
+    config = model.causal_lm.config
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"response_only_logits/fused_lm_head need logits = lm_head(hidden), but this model's "
+                             f"config sets {name}={value}; use the default full-logits path")
+
+
+class TokenOutputs(NamedTuple):
+    logprobs: torch.Tensor  # [b, L-1] float32, log-prob of token t+1 at position t
+    entropy: Optional[torch.Tensor]  # [b, L-1] or None
+    values: torch.Tensor  # [b, L-1]
+    logits: Optional[torch.Tensor]  # "full": [b, L-1, V] view; "response": [n, V]; "fused": None
+
+
+def token_outputs(
+    model,
+    unwrapped: AutoModelForCausalLMWithValueHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    backend: str,
+    return_entropy: bool = False,
+) -> TokenOutputs:
+    """Run `model` (possibly accelerate-wrapped; `unwrapped` is the bare module) on a batch.
+
+    input_ids, attention_mask `[b, L]`; mask `[b, L-1]` marks the response positions.
+    """
+    labels = input_ids[:, 1:]
+    if mode == "full":
+        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=False)
+        logits = logits[:, :-1]
+        out = ops.logprobs_from_logits(logits, labels, return_entropy=return_entropy, backend=backend)
+        logprobs, entropy = out if return_entropy else (out, None)
+        return TokenOutputs(logprobs, entropy, values[:, :-1], logits)
+
+    hidden, _, values = model(input_ids=input_ids, attention_mask=attention_mask, output="hidden")
+    positions = mask.bool()
+    response_hidden = hidden[:, :-1][positions]  # [n, H]
+    response_labels = labels[positions]
+    head = unwrapped.lm_head
+    logits = None
+    if mode == "fused":
+        out = ops.linear_logprobs(response_hidden, head.weight, response_labels, bias=head.bias,
+                                  return_entropy=return_entropy, backend=backend)
+    else:
+        logits = torch.nn.functional.linear(response_hidden, head.weight, head.bias)
+        out = ops.logprobs_from_logits(logits, response_labels, return_entropy=return_entropy, backend=backend)
+    logprobs, entropy = out if return_entropy else (out, None)
+    return TokenOutputs(_scatter(logprobs, positions), _scatter(entropy, positions) if return_entropy else None,
+                        values[:, :-1], logits)
+
+
+def full_kl(policy: TokenOutputs, reference: TokenOutputs, mask: torch.Tensor, backend: str) -> torch.Tensor:
+    """Exact per-position KL `[b, L-1]` from two outputs' logits (0 off the response in "response" mode)."""
+    kl = ops.full_kl(policy.logits, reference.logits, backend=backend)
+    if policy.logits.dim() == 2:  # response rows only
+        kl = _scatter(kl, mask.bool())
+    return kl
+
+
+def _scatter(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`[n]` values at the True entries of `positions` `[b, L-1]` → `[b, L-1]`, zeros elsewhere (differentiable)."""
+    out = values.new_zeros(positions.shape)
+    return out.masked_scatter(positions, values)

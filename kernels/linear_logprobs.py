@@ -1,0 +1,178 @@
+"""Log-probabilities (and entropy) of labels under softmax((hidden @ W.T + b) / T), never holding [N, V] logits.
+
+Math, token n with hidden h_n ∈ R^H, label k, logits z = W h_n + b ∈ R^V, y = z / T:
+
+    logp_n = y_k − lse(y),   H_n = lse(y) − Σ_v p_v y_v,   p = softmax(y)
+    G_nv   = ∂L/∂z_nv = g_n (1[v = k] − p_v) / T − gH_n p_v (log p_v + H_n) / T
+    ∂L/∂h_n = Σ_v G_nv W_v,   ∂L/∂W = G.T @ hidden,   ∂L/∂b = Σ_n G_n
+
+The tokens go C = `chunk_size` at a time (default `_launch.linear_logprobs_chunk_size`).
+Forward, per chunk: cuBLAS writes the chunk's logits z = h W.T + b, in the input dtype, into
+one reused [C, V] buffer (what the model's lm_head would produce), and the Triton logprobs
+kernel (kernels/logprobs.py) streams each row once in float32: logp, entropy, and the two
+float32 numbers per row its backward needs (row max, log2 Σ 2^…), kept for all N tokens.
+Backward, per chunk: recompute the logits into the buffer, run the logprobs backward kernel
+*in place* (the buffer now holds G in the input dtype), then grad_hidden[chunk] = G @ W
+(written straight into the output) and grad_W += G.T @ h, grad_b += Σ G (float32
+accumulators, rounded once to the weight's dtype at the end). The vocabulary is not chunked:
+at C ≈ 1024 a full row of logits is what keeps the matmul large.
+
+Shapes: hidden [..., H], weight [V, H], labels [...] int, bias [V] or None, one float dtype
+→ logp [...] float32 (≤ 0), entropy [...] float32.
+Memory beyond inputs and outputs: one [C, V] buffer in the input dtype per pass, 12 bytes
+per token (row max, log2-sum, entropy), and for half-precision weights a float32 [V, H]
+gradient accumulator (plus the [V, H] product of each chunk before it is added).
+FLOPs: 2·N·H·V forward; 6·N·H·V backward (recompute, G @ W, G.T @ h): 8·N·H·V in all.
+Bytes (bf16, N·V·2 per pass over the logits): forward writes and reads the logits once
+(2 passes) and reads W N/C times; backward writes them (recompute), reads and writes them
+(epilogue), reads them twice (the two gradient matmuls): 5 passes, plus N/C read-modify-
+writes of the float32 grad_W accumulator. At C ≈ 1024 the epilogue passes cost ~2 % of the
+matmuls on an H100 (~3 TB/s against ~790 TFLOP/s: 7 passes · 2 B ≈ 14 B per logit vs
+8·H FLOPs per logit).
+
+Future work, to measure on a GPU: a fused Triton matmul variant (the online log-sum-exp in
+the matmul's epilogue, logits never written to HBM; vocabulary-chunked so the LSE is
+combined across tiles), and bf16 accumulation of grad_W (Liger-Kernel's choice: half the
+memory, K = N/C roundings) or an `out_dtype=float32` addmm in place of the [V, H] product.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._launch import linear_logprobs_chunk_size
+from .logprobs import _backward as _logprobs_backward
+from .logprobs import _forward as _logprobs_forward
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor):
+    """out[C, V] = hidden[C, H] @ weight.T (+ bias) in the input dtype, written into `out` (cuBLAS)."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _forward(hidden, weight, bias, labels, temperature: float, return_entropy: bool, chunk_size: int):
+    """hidden [N, H], labels [N] → (logp, entropy or None, row_max, log2_sum), float32 [N] each."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    logp = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty_like(logp) if return_entropy else None
+    row_max, log2_sum = torch.empty_like(logp), torch.empty_like(logp)
+    buffer = torch.empty(min(chunk_size, n_tokens), vocab, dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, n_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_tokens))
+        logits = _chunk_logits(hidden[rows], weight, bias, out=buffer[: rows.stop - start])
+        chunk = _logprobs_forward(logits, labels[rows], temperature, return_entropy)
+        logp[rows], row_max[rows], log2_sum[rows] = chunk[0], chunk[2], chunk[3]
+        if return_entropy:
+            entropy[rows] = chunk[1]
+    return logp, entropy, row_max, log2_sum
+
+
+def _backward(hidden, weight, bias, labels, row_max, log2_sum, entropy, temperature: float, chunk_size: int,
+              grad_logp, grad_entropy, needs_grad):
+    """(grad_hidden, grad_weight, grad_bias), each None where `needs_grad` says so."""
+    needs_hidden, needs_weight, needs_bias = needs_grad
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    # upstream grads may be expanded (stride 0): [N] floats, cheap to make dense once
+    grad_logp = grad_logp.float().contiguous() if grad_logp is not None else None
+    grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if needs_hidden else None
+    # Sums over every chunk accumulate in float32 (a float32 weight accumulates in its own gradient).
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs_weight else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if needs_bias else None
+    buffer = torch.empty(min(chunk_size, n_tokens), vocab, dtype=hidden.dtype, device=device)
+    for start in range(0, n_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_tokens))
+        logits = _chunk_logits(hidden[rows], weight, bias, out=buffer[: rows.stop - start])
+        grad_logits = _logprobs_backward(  # in place: the buffer now holds ∂L/∂z in the input dtype
+            logits, labels[rows], row_max[rows], log2_sum[rows], temperature,
+            grad_logp[rows] if grad_logp is not None else None,
+            entropy=entropy[rows] if grad_entropy is not None else None,
+            grad_entropy=grad_entropy[rows] if grad_entropy is not None else None,
+            out=logits,
+        )
+        if needs_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        if needs_weight:
+            if grad_weight.dtype == grad_logits.dtype:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows])
+            else:
+                grad_weight += grad_logits.t() @ hidden[rows]
+        if needs_bias:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+    if needs_weight:
+        grad_weight = grad_weight.to(weight.dtype)
+    if needs_bias:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """Chunked linear log-probs (and entropy) with a recomputing backward; see `linear_logprobs`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, chunk_size):
+        logp, entropy, row_max, log2_sum = _forward(hidden, weight, bias, labels, temperature, return_entropy,
+                                                    chunk_size)
+        ctx.save_for_backward(hidden, weight, bias, labels, row_max, log2_sum, entropy)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        if return_entropy:
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy=None):
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
+        hidden, weight, bias, labels, row_max, log2_sum, entropy = ctx.saved_tensors
+        grads = _backward(hidden, weight, bias, labels, row_max, log2_sum, entropy, ctx.temperature,
+                          ctx.chunk_size, grad_logp, grad_entropy, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """log softmax((hidden @ weight.T + bias) / T)[label] per token; same contract as `fastppo.reference`.
+
+    hidden `[..., H]`, weight `[V, H]`, bias `[V]` or None (one float dtype, CUDA — or CPU
+    under TRITON_INTERPRET=1), labels `[...]` integer. Returns logp `[...]` float32 (≤ 0), and
+    with `return_entropy=True` also the entropy `[...]` float32. A label outside [0, V) gives
+    NaN. Memory: one `[chunk_size, V]` logits buffer per pass, never `[N, V]`. Differentiable
+    w.r.t. hidden, weight and bias (cuBLAS matmuls per chunk, Triton log-softmax epilogue with
+    an in-place backward). Raises ValueError on bad shapes or a non-positive temperature.
+    """
+    if hidden.dim() < 1 or hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be hidden's without the last dim "
+                         f"{tuple(hidden.shape[:-1])}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}] with V ≥ 1, got {tuple(weight.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    lead_shape = hidden.shape[:-1]
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])  # a view where it can be; [N, H] ≪ [N, V] where not
+    labels1d = labels.reshape(-1).contiguous()
+    if chunk_size is None:
+        chunk_size = linear_logprobs_chunk_size(hidden2d.shape[0], weight.shape[0], hidden.device)
+    out = LinearLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature), return_entropy,
+                               max(1, int(chunk_size)))
+    if return_entropy:
+        return out[0].reshape(lead_shape), out[1].reshape(lead_shape)
+    return out.reshape(lead_shape)

@@ -1,0 +1,85 @@
+"""Memory-lean paths of step(): response-only logits, fused LM head, gradient checkpointing,
+micro-batched rollout. Each must give the same training as the default (TRL) path."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_batch
+from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from tolerances import TRAINER, WEIGHTS
+
+
+def _train(model_dir, tokenizer, **config_kwargs):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3, **config_kwargs)
+    trainer = PPOTrainer(config, model, None, tokenizer)
+    results = []
+    for seed in (0, 1):
+        queries, responses, scores = make_batch(tokenizer, 4, seed=seed)
+        _, _, mask = trainer._pad_batch(queries, responses, None)
+        results.append((trainer.step(queries, responses, scores), mask.numpy().astype(bool)))
+    return trainer, results
+
+
+def _assert_same_training(baseline, candidate):
+    (base_trainer, base_results), (trainer, results) = baseline, candidate
+    for (expected, mask), (got, _) in zip(base_results, results):
+        for key, value in expected.items():
+            if key.startswith("time/") or key == "fastppo/tokens_per_s":
+                continue
+            want, have = np.asarray(value, dtype=np.float64), np.asarray(got[key], dtype=np.float64)
+            if key in ("objective/logprobs", "objective/ref_logprobs"):
+                want, have = want[mask], have[mask]  # the lean paths compute response positions only
+            if key in ("ppo/policy/advantages", "ppo/policy/ratio"):
+                continue  # per-position distributions include off-response positions
+            np.testing.assert_allclose(have, want, err_msg=key, **TRAINER)
+    expected_state = base_trainer.unwrapped_model.state_dict()
+    for key, value in trainer.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **WEIGHTS)
+
+
+@pytest.mark.parametrize("kl_penalty", ["kl", "full"])
+def test_response_only_logits_trains_the_same(model_dir, tokenizer, kl_penalty):
+    baseline = _train(model_dir, tokenizer, kl_penalty=kl_penalty)
+    _assert_same_training(baseline, _train(model_dir, tokenizer, kl_penalty=kl_penalty, response_only_logits=True))
+
+
+def test_fused_lm_head_trains_the_same(model_dir, tokenizer):
+    baseline = _train(model_dir, tokenizer)
+    _assert_same_training(baseline, _train(model_dir, tokenizer, fused_lm_head=True))
+
+
+def test_gradient_checkpointing_trains_the_same_and_recomputes(gpt2_dir, tokenizer, monkeypatch):
+    calls = {"count": 0}
+    build = AutoModelForCausalLMWithValueHead.from_pretrained
+
+    def counting(*args, **kwargs):  # count the first attention forwards; recomputation runs it again
+        model = build(*args, **kwargs)
+        model.pretrained_model.transformer.h[0].attn.register_forward_hook(lambda *_: calls.update(count=calls["count"] + 1))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLMWithValueHead, "from_pretrained", counting)
+    baseline = _train(gpt2_dir, tokenizer)
+    plain_calls, calls["count"] = calls["count"], 0
+    candidate = _train(gpt2_dir, tokenizer, gradient_checkpointing=True)
+    # 2 steps × 2 epochs × 2 mini-batches = 8 training forwards, each recomputed once in backward
+    assert calls["count"] == plain_calls + 8
+    _assert_same_training(baseline, candidate)
+
+
+def test_rollout_batch_size_changes_nothing(gpt2_dir, tokenizer):
+    _assert_same_training(_train(gpt2_dir, tokenizer), _train(gpt2_dir, tokenizer, rollout_batch_size=1))
+
+
+def test_fused_head_with_full_kl_is_rejected():
+    with pytest.raises(ValueError, match="fused_lm_head"):
+        PPOConfig(fused_lm_head=True, kl_penalty="full")
+
+
+def test_models_with_logit_transforms_are_rejected(gpt2_dir, tokenizer):
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    model.pretrained_model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2, response_only_logits=True), model, None, tokenizer)
