@@ -133,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppo-epochs", type=int, default=2, help="optimisation epochs over each batch")
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate")
     p.add_argument("--init-kl-coef", type=float, default=0.05, help="initial KL penalty coefficient")
+    p.add_argument("--v-head-init-range", type=float, default=1e-3,
+                   help="std of the value head's normal init (TRL: v_head_initializer_range)")
     p.add_argument("--max-new-tokens", type=int, default=20, help="tokens generated per answer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -195,7 +197,11 @@ def main(argv=None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_path)
+    # The value head starts (almost) at zero: with the default nn.Linear init its per-token
+    # values are O(1) noise, larger than the reward signal, and early advantages are mostly noise.
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        model_path, v_head_init_strategy="normal", v_head_initializer_range=args.v_head_init_range
+    )
     ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(model_path)
 
     # 2. PPO trainer (TRL-classic config names) ------------------------------------------
