@@ -269,8 +269,7 @@ def linear_logprobs(
     backend: Optional[str] = None,
     chunk_size: Optional[int] = None,
 ):
-    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), float32,
-    without ever holding the `[N, V]` logits.
+    """Log-probability of each label under softmax((hidden @ weight.T + bias) / T), never holding `[N, V]` logits.
 
     hidden `[..., H]` and weight `[V, H]` (nn.Linear layout, e.g. the LM head) of one float
     dtype, labels `[...]` integer, bias `[V]` or None → `[...]` float32 (≤ 0); with

@@ -125,7 +125,7 @@ class PPOTrainer:
 
     @property
     def vocab_size(self) -> int:
-        return self.unwrapped_model.pretrained_model.get_output_embeddings().weight.shape[0]
+        return self.unwrapped_model.lm_head.weight.shape[0]
 
     # ------------------------------------------------------------------ generation
 

@@ -145,7 +145,8 @@ def device_guard(tensor: torch.Tensor):
 # 1024 tokens, enough M for cuBLAS to run near peak); fewer than 128 tokens would starve the
 # tensor cores even at huge V, and beyond 8192 the matmul gains nothing more, so small
 # vocabularies get smaller buffers. On CPU (and under the interpreter) ~2**22 logits keep the
-# reference's float32 temporaries in tens of MB. Untuned on hardware: sweep in bench/.
+# reference's float32 temporaries in tens of MB. Untuned on hardware: sweep in bench/ — the
+# backward's per-chunk read-modify-write of the [V, H] weight gradient favours larger chunks.
 
 LINEAR_CHUNK_LOGITS_GPU = 2**27
 LINEAR_CHUNK_LOGITS_CPU = 2**22

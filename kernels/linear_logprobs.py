@@ -25,15 +25,19 @@ gradient accumulator (plus the [V, H] product of each chunk before it is added).
 FLOPs: 2·N·H·V forward; 6·N·H·V backward (recompute, G @ W, G.T @ h): 8·N·H·V in all.
 Bytes (bf16, N·V·2 per pass over the logits): forward writes and reads the logits once
 (2 passes) and reads W N/C times; backward writes them (recompute), reads and writes them
-(epilogue), reads them twice (the two gradient matmuls): 5 passes, plus N/C read-modify-
-writes of the float32 grad_W accumulator. At C ≈ 1024 the epilogue passes cost ~2 % of the
-matmuls on an H100 (~3 TB/s against ~790 TFLOP/s: 7 passes · 2 B ≈ 14 B per logit vs
-8·H FLOPs per logit).
+(epilogue), reads them twice (the two gradient matmuls): 5 passes. On an H100 (~3 TB/s,
+~790 TFLOP/s) at H = 4096 the 7 passes (14 B per logit) cost ~11 % of the 8·H FLOPs per
+logit. The grad_W accumulator is read and rewritten once per chunk (float32, plus the bf16
+product: ~12 B per weight element per chunk), ~400/C of the matmul time — ~40 % at
+C = 1024, which is why the chunk size and the accumulation are the first things to measure.
 
-Future work, to measure on a GPU: a fused Triton matmul variant (the online log-sum-exp in
-the matmul's epilogue, logits never written to HBM; vocabulary-chunked so the LSE is
-combined across tiles), and bf16 accumulation of grad_W (Liger-Kernel's choice: half the
-memory, K = N/C roundings) or an `out_dtype=float32` addmm in place of the [V, H] product.
+Future work, to measure on a GPU (DESIGN §6: peak extra ≤ 2 GB and ≤ 1.25× the 8·N·H·V
+matmul floor at N=32768, H=4096, V=128256): grad_W accumulated in bf16 by cuBLAS itself
+(`addmm_` with beta = 1, Liger-Kernel's choice: no [V, H] temporaries, ~4 B per element per
+chunk, at the price of N/C bf16 roundings) or an `out_dtype=torch.float32` addmm where the
+installed torch has it on CUDA (no bf16 product); larger chunks; and a fused Triton matmul
+variant (the online log-sum-exp in the matmul's epilogue, logits never written to HBM,
+vocabulary tiles combined through their LSEs).
 """
 
 from __future__ import annotations
