@@ -83,3 +83,35 @@ def test_models_with_logit_transforms_are_rejected(gpt2_dir, tokenizer):
     model.pretrained_model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2, response_only_logits=True), model, None, tokenizer)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_step_never_allocates_n_by_v(gpt2_dir, tokenizer, monkeypatch, backend):
+    """Whole step (rollout, reference, training forward and backward) without any [N, V] tensor."""
+    from kernel_utils import LargeAllocations
+
+    import fastppo.kernels._launch as launch
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+        import fastppo.kernels.linear_logprobs as fused_kernel
+
+        monkeypatch.setattr(fused_kernel, "linear_logprobs_chunk_size", lambda n, v, device: 4)
+    monkeypatch.setattr(launch, "linear_logprobs_chunk_size", lambda n, v, device: 4)
+    generator = torch.Generator().manual_seed(0)
+    queries = [torch.randint(2, 320, (2,), generator=generator) for _ in range(4)]
+    responses = [torch.randint(2, 320, (20,), generator=generator) for _ in range(4)]
+    scores = [torch.tensor(1.0)] * 4
+    n_by_v = 4 * 21 * 320  # [B, L-1, V] logits of the default path
+
+    def largest(**config_kwargs):
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+        config = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, backend=backend, **config_kwargs)
+        trainer = PPOTrainer(config, model, None, tokenizer)
+        trainer.step(queries, responses, scores)  # Adam state exists before recording
+        with LargeAllocations(n_by_v // 2) as recorder:
+            trainer.step(queries, responses, scores)
+        return recorder.found
+
+    assert largest(), "the default path allocates [N, V] logits; the recorder must see them"
+    assert largest(fused_lm_head=True) == []
