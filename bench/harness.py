@@ -394,7 +394,7 @@ def run_case(
     if flops:
         info["tflops"] = flops / seconds / 1e12
         info["pct_matmul"] = 100.0 * (flops / (ceilings["matmul_TFLOPs"] * 1e12)) / seconds
-    del inputs
+    inputs = first = cycle = None  # `step` closes over `cycle`: drop the copies before the next case
     free_device_memory(env)
 
 

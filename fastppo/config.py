@@ -91,7 +91,7 @@ class PPOConfig:
     optimize_cuda_cache: Optional[bool] = None
     """Deprecated alias of `optimize_device_cache`."""
     optimize_device_cache: bool = False
-    """Empty the accelerator's cache after each forward pass and mini-batch (less memory, slower)."""
+    """Empty the accelerator's cache after each rollout chunk and mini-batch (less memory, slower)."""
     early_stopping: bool = False
     """Stop the epochs of a step once the policy KL exceeds 1.5 × `target_kl`."""
     target_kl: float = 1.0

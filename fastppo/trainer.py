@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
 from . import heads, inputs, ops, stats as step_statistics
@@ -327,6 +328,7 @@ class PPOTrainer:
             if full:
                 parts["full_kl"].append(heads.full_kl(policy, reference, mask[rows], self.config.backend))
             del policy, reference
+            self._maybe_clear_cache()
         return Rollout(
             logprobs=torch.cat(parts["logprobs"]),
             ref_logprobs=torch.cat(parts["ref_logprobs"]),
@@ -373,6 +375,7 @@ class PPOTrainer:
                     optimizer_steps += int(self.accelerator.sync_gradients)
                 per_minibatch.append(stats)
                 skipped.append(skip)
+                self._maybe_clear_cache()
             if config.early_stopping and self._should_stop_early(per_minibatch[-1]["policy/policykl"]):
                 early_stopped = True
                 break
@@ -412,6 +415,11 @@ class PPOTrainer:
             stats = step_statistics.minibatch_stats(out, entropy, advantages, returns, old_values, mask,
                                                     config.vf_coef)
         return stats, skip
+
+    def _maybe_clear_cache(self) -> None:
+        """TRL's `optimize_device_cache`: hand cached accelerator memory back after each pass."""
+        if self.config.optimize_device_cache:
+            clear_device_cache(garbage_collection=True)
 
     def _should_stop_early(self, policykl: torch.Tensor) -> bool:
         policykl = policykl.detach().float()

@@ -291,3 +291,15 @@ def test_generate_leaves_the_model_mode_alone(gpt2_dir, tokenizer):
     trainer.unwrapped_model.train()
     trainer.generate([torch.tensor([5])], max_new_tokens=2)
     assert trainer.unwrapped_model.training
+
+
+def test_optimize_device_cache_clears_after_each_pass(gpt2_dir, tokenizer, monkeypatch):
+    import fastppo.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "clear_device_cache", lambda garbage_collection: calls.append(1))
+    trainer = make_trainer(gpt2_dir, tokenizer, optimize_device_cache=True, ppo_epochs=1)
+    trainer.step(*make_batch(tokenizer, 4))
+    assert len(calls) == 2 + 2  # two rollout chunks, two mini-batches
+    make_trainer(gpt2_dir, tokenizer, ppo_epochs=1).step(*make_batch(tokenizer, 4))
+    assert len(calls) == 4  # off by default
