@@ -22,6 +22,7 @@ if torch.cuda.is_available() and _interpret_set_here:
     del os.environ["TRITON_INTERPRET"]
 
 import harness  # noqa: E402
+import machine  # noqa: E402
 
 SKIPPED: list = []  # one dict per skipped case, for the report
 
@@ -64,10 +65,12 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", dtypes, ids=[harness.dtype_name(d) for d in dtypes])
 
 
-@pytest.fixture()
-def provider_runs(provider, bench_env):
+@pytest.fixture(autouse=True)
+def _provider_runs(request, bench_env):
     """Skip a provider that cannot run in this mode, saying why."""
-    reason = harness.provider_skip_reason(provider, bench_env)
+    callspec = getattr(request.node, "callspec", None)
+    provider = callspec.params.get("provider") if callspec is not None else None
+    reason = harness.provider_skip_reason(provider, bench_env) if provider else None
     if reason is not None:
         pytest.skip(reason)
 
@@ -96,7 +99,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    info = harness.environment_info(config._fastppo_bench_env)
+    info = machine.environment_info(config._fastppo_bench_env)
     info["skipped"] = SKIPPED
     info["providers"] = harness.PROVIDER_DOC
     machine_info["fastppo"] = info

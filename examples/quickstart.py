@@ -145,12 +145,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SYSTEM_PROMPT = "You are a helpful assistant."  # short (and neutral): fewer tokens per PPO step
+
+
 def format_prompt(tokenizer, instruction: str) -> str:
     """Chat-format an instruction when the tokenizer has a chat template, else use it raw."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"Question: {instruction}\nAnswer:"
 
 
@@ -159,6 +161,7 @@ def plot_curve(history: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [h["step"] for h in history]
     reward = [h["reward_mean"] for h in history]
@@ -175,6 +178,7 @@ def plot_curve(history: list[dict], path: str) -> None:
     ax1.legend()
     ax2.plot(steps, kl, "s-", color="tab:red")
     ax2.set_xlabel("PPO step")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_ylabel("KL(policy || ref)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -264,6 +268,8 @@ def main(argv=None) -> dict:
             "total_loss": float(stats["ppo/loss/total"]),
             "seconds": time.time() - t_step,
             "generate_seconds": t_gen,
+            "rollout_seconds": float(stats.get("time/ppo/forward_pass", float("nan"))),
+            "optimize_seconds": float(stats.get("time/ppo/optimize_step", float("nan"))),
         }
         history.append(row)
         if step == 1:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run the benchmark suite and write bench/RESULTS.md, bench/results.png and the raw
+# pytest-benchmark JSON next to them (CUDA: the real numbers; CPU: eager vs compile).
+#
+#   bash bench/run.sh                   # the whole suite for this machine → bench/results.json
+#   bash bench/run.sh --bench-smoke     # tiny shapes, one round: proves the suite runs (CI does this)
+#   bash bench/run.sh -k logprobs       # other arguments go to pytest
+#   bash bench/run.sh --part ops -k "not step"; bash bench/run.sh --part step -k step
+#                                       # a run split in parts (e.g. 10-minute slots on a GPU):
+#                                       # bench/results-<part>.json each; the report merges every part
+#
+# Environment: PYTHON (default python), FASTPPO_BENCH_OUT (output directory, default bench),
+# FASTPPO_BENCH_THREADS (CPU threads, default 1), FASTPPO_BENCH_SMOKE_COMPILE=1 (compile in smoke mode).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python}
+out=${FASTPPO_BENCH_OUT:-bench}
+mkdir -p "$out"
+part=""
+if [ "${1:-}" = "--part" ]; then
+    part=$2
+    shift 2
+fi
+json="$out/results${part:+-$part}.json"
+rm -f "$json"
+"$python" -m pytest bench --benchmark-json "$json" "$@"
+status=$?
+if [ -f "$json" ]; then
+    if [ -n "$part" ]; then reports=("$out"/results-*.json); else reports=("$json"); fi
+    "$python" bench/report.py "${reports[@]}" --out "$out" || status=$?
+fi
+exit $status
