@@ -1,4 +1,4 @@
-"""fastppo quickstart: a real PPO run on a small real model, fully offline, on a laptop CPU.
+"""fastppo quickstart: a real PPO run on a small real model, fully offline, on a plain CPU.
 
 What it does
 ------------
@@ -10,17 +10,25 @@ What it does
   scores them with a *programmatic* reward and calls ``trainer.step``.
 * The reward is a tiny sentiment lexicon: +1 for every "positive" word in the answer
   (great, wonderful, love, happy, ...), -1 for every negative one, clipped to [-2, 4].
-  The instruct model starts out mostly neutral (mean reward ~0.3); PPO teaches it to be
-  cheerful, while the KL penalty keeps it close to the reference model.
+  The instruct model starts out mostly neutral (mean reward ~0.3-0.7 per batch); PPO
+  teaches it to be cheerful (mean reward ~2.1-2.5 after 20 steps), while the KL penalty
+  keeps it close to the reference model.
 * Prints one line per step (mean reward, KL, losses), the start-vs-end mean reward,
   writes ``<output-dir>/reward_curve.png`` and ``<output-dir>/history.json``, saves the
   trained policy to ``<output-dir>/model`` and re-loads it with plain
   ``transformers.AutoModelForCausalLM`` to generate one answer.
 
+Hyper-parameters (defaults): 20 PPO steps x 16 answers x 20 new tokens, mini-batches of 8,
+2 PPO epochs, Adam lr 3e-5, init_kl_coef 0.05 (adaptive), sampling with top_k=0/top_p=1.
+The value head is initialised near zero (``v_head_init_strategy="normal"``, std 1e-3):
+with nn.Linear's default init its per-token values are O(1) noise, larger than the reward
+signal, and the first steps learn little.
+
 How long it takes
 -----------------
-About 8-9 minutes on 2 CPU cores with the defaults (20 steps of 16 answers x 20 tokens;
-~15 s one-time model conversion included); well under a minute on a GPU.
+About 8.5 minutes on 2 CPU cores with the defaults (~22 s per PPO step, plus ~25 s for the
+one-time model conversion and ~15 s to save and reload). With CUDA available the
+script runs on the GPU by default (``--device cuda``).
 
 Usage::
 
@@ -42,6 +50,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
@@ -123,7 +132,9 @@ def sentiment_reward(text: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default=None,
                    help="causal LM to train (local path or hub name); default: SmolLM2-135M-Instruct "
                         f"prepared offline into {DEFAULT_CACHE_DIR}")
@@ -131,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="answers per PPO step")
     p.add_argument("--mini-batch-size", type=int, default=8, help="answers per optimisation mini-batch")
     p.add_argument("--ppo-epochs", type=int, default=2, help="optimisation epochs over each batch")
-    p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate")
     p.add_argument("--init-kl-coef", type=float, default=0.05, help="initial KL penalty coefficient")
     p.add_argument("--v-head-init-range", type=float, default=1e-3,
                    help="std of the value head's normal init (TRL: v_head_initializer_range)")
@@ -189,6 +200,7 @@ def plot_curve(history: list[dict], path: str) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.time()
+    hf_logging.disable_progress_bar()  # keep the output to PPO's own progress bar
     os.makedirs(args.output_dir, exist_ok=True)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -306,7 +318,10 @@ def main(argv=None) -> dict:
 
     # 5. The checkpoint is a plain transformers model: reload it and answer a new prompt.
     del trainer, model, ref_model
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's extra v_head.* keys are reported as "unexpected"
     plain = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    hf_logging.set_verbosity(verbosity)
     plain_tok = AutoTokenizer.from_pretrained(model_dir)
     enc = plain_tok(format_prompt(plain_tok, HELD_OUT_PROMPT), return_tensors="pt").to(device)
     with torch.no_grad():

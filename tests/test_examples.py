@@ -19,3 +19,34 @@ def test_long_sequence_example_runs_every_mode():
     lines = [line for line in result.stdout.splitlines() if " 24 " in line]
     assert [line.split()[0] for line in lines] == ["full", "response", "fused"]
     assert all("tok/s" in line for line in lines)
+
+
+def test_quickstart_runs_on_a_tiny_local_model(gpt2_dir, tokenizer_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(gpt2_dir, model_dir)
+    for item in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, item), model_dir)
+    out = tmp_path / "out"
+    env = dict(os.environ, FASTPPO_BACKEND="torch")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--model", str(model_dir), "--steps", "2",
+         "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu",
+         "--output-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "reward_curve.png").is_file()
+    assert (out / "model" / "config.json").is_file()
+    assert "AutoModelForCausalLM" in result.stdout
+
+
+def test_quickstart_reward_counts_sentiment_words():
+    sys.path.insert(0, str(ROOT / "examples"))
+    from quickstart import sentiment_reward
+
+    assert sentiment_reward("A great, wonderful day!") == 2.0
+    assert sentiment_reward("Terrible and sad.") == -2.0
+    assert sentiment_reward("love " * 10) == 4.0  # clipped
+    assert sentiment_reward("A table.") == 0.0
