@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -122,3 +123,21 @@ class LargeAllocations(TorchDispatchMode):
             if tensor.numel() >= self.min_numel and tensor.untyped_storage().data_ptr() not in input_storages:
                 self.found.append((str(func), tuple(tensor.shape)))
         return out
+
+
+def spy_on(monkeypatch, module, name):
+    """Count calls of `module.name` (ops looks kernels up there); returns the list of calls."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # ops reads it per call
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def kernels_can_run():
+    """Autouse in every module that imports it: fail (not skip) when the interpreter cannot run
+    kernels in this process, which is a set-up bug."""
+    reason = interpreter_unusable()
+    if reason is not None:
+        pytest.fail(reason)

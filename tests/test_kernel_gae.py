@@ -20,8 +20,9 @@ from fastppo import ops, reference  # noqa: E402
 from fastppo.kernels import _launch  # noqa: E402
 from fastppo.kernels import gae as gae_module  # noqa: E402
 from fastppo.kernels.gae import gae, masked_whiten  # noqa: E402
+from kernel_utils import kernels_can_run, spy_on  # noqa: E402,F401 (kernels_can_run: autouse fixture)
 from kernel_utils import (  # noqa: E402
-    DEVICE, ON_GPU, assert_within_twice_reference_error, interpreter_unusable)
+    DEVICE, ON_GPU, assert_within_twice_reference_error)
 from tolerances import tol  # noqa: E402
 
 MASK_DTYPES = [torch.bool, torch.int32, torch.float32]
@@ -34,20 +35,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _kernels_can_run():
-    reason = interpreter_unusable()
-    if reason is not None:
-        pytest.fail(reason)
 
-
-def _spy(monkeypatch, module, name):
-    """Count calls of module.name, as ops looks it up through fastppo.kernels."""
-    calls, real = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # ops reads it per call
-    return calls
 
 
 def _mask(B, T, generator, dtype=torch.bool):
@@ -153,8 +141,8 @@ def test_gae_property(B, T, block_t, gamma, lam, seed):
 
 
 def test_ops_dispatches_gae_and_whiten_to_the_kernels(monkeypatch):
-    gae_calls = _spy(monkeypatch, gae_module, "gae")
-    whiten_calls = _spy(monkeypatch, gae_module, "masked_whiten")
+    gae_calls = spy_on(monkeypatch, gae_module, "gae")
+    whiten_calls = spy_on(monkeypatch, gae_module, "masked_whiten")
     rewards, values, mask = _inputs(2, 6, seed=6)
     for _ in range(2):  # the second lookup too (a submodule named like its op can shadow it)
         advantages, _ = ops.gae(rewards, values, mask, 0.9, 0.9, backend="triton")

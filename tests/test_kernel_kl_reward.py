@@ -13,7 +13,8 @@ from fastppo import ops, reference  # noqa: E402
 from fastppo.kernels import _launch  # noqa: E402
 from fastppo.kernels import kl_reward as kl_reward_module  # noqa: E402
 from fastppo.kernels.kl_reward import kl_penalty_rewards  # noqa: E402
-from kernel_utils import DEVICE, ON_GPU, interpreter_unusable  # noqa: E402
+from kernel_utils import kernels_can_run, spy_on  # noqa: E402,F401 (kernels_can_run: autouse fixture)
+from kernel_utils import DEVICE, ON_GPU  # noqa: E402
 from tolerances import tol  # noqa: E402
 
 ESTIMATORS = ["kl", "abs", "mse", "k3", "full"]
@@ -27,20 +28,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _kernels_can_run():
-    reason = interpreter_unusable()
-    if reason is not None:
-        pytest.fail(reason)
 
-
-def _spy(monkeypatch, module, name):
-    """Count calls of module.name, as ops looks it up through fastppo.kernels."""
-    calls, real = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # ops reads it per call
-    return calls
 
 
 def _mask(B, T, generator, dtype=torch.bool):
@@ -169,7 +157,7 @@ def test_empty_batch():
 
 
 def test_ops_dispatches_to_the_kernel(monkeypatch):
-    calls = _spy(monkeypatch, kl_reward_module, "kl_penalty_rewards")
+    calls = spy_on(monkeypatch, kl_reward_module, "kl_penalty_rewards")
     inputs = _inputs(2, 5, seed=6)
     for _ in range(2):
         rewards, kl = ops.kl_penalty_rewards(**inputs, kl_coef=0.3, estimator="mse", backend="triton")

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 import fastppo.kernels._launch as launch  # noqa: E402
 from fastppo import ops, reference  # noqa: E402
 from fastppo.kernels.logprobs import logprobs_from_logits  # noqa: E402
+from kernel_utils import kernels_can_run  # noqa: E402,F401 (kernels_can_run: autouse fixture)
 from kernel_utils import (  # noqa: E402
     DEVICE,
     FLOAT_DTYPES,
@@ -21,7 +22,6 @@ from kernel_utils import (  # noqa: E402
     LargeAllocations,
     assert_within_one_ulp,
     assert_within_twice_reference_error,
-    interpreter_unusable,
     logprobs_float64,
 )
 from tolerances import tol  # noqa: E402
@@ -30,11 +30,6 @@ from tolerances import tol  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-@pytest.fixture(autouse=True)
-def _kernels_can_run():
-    reason = interpreter_unusable()
-    if reason is not None:
-        pytest.fail(reason)
 
 
 CASES = [  # (leading shape, V, temperature)

@@ -16,7 +16,8 @@ from fastppo import ops, reference  # noqa: E402
 from fastppo.kernels import _launch  # noqa: E402
 from fastppo.kernels import ppo_loss as ppo_loss_module  # noqa: E402
 from fastppo.kernels.ppo_loss import ppo_loss  # noqa: E402
-from kernel_utils import DEVICE, ON_GPU, interpreter_unusable  # noqa: E402
+from kernel_utils import kernels_can_run, spy_on  # noqa: E402,F401 (kernels_can_run: autouse fixture)
+from kernel_utils import DEVICE, ON_GPU  # noqa: E402
 from tolerances import tol  # noqa: E402
 
 NAMES = ("logprobs", "old_logprobs", "values", "old_values", "advantages", "returns")
@@ -33,20 +34,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _kernels_can_run():
-    reason = interpreter_unusable()
-    if reason is not None:
-        pytest.fail(reason)
 
-
-def _spy(monkeypatch, module, name):
-    """Count calls of module.name, as ops looks it up through fastppo.kernels."""
-    calls, real = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # ops reads it per call
-    return calls
 
 
 def _inputs(B, T, seed=0, dtype=torch.float32, mask_dtype=torch.bool, spread=0.3):
@@ -211,7 +199,7 @@ def test_gradient_flows_through_a_sliced_leaf():
 
 
 def test_ops_dispatches_to_the_kernel(monkeypatch):
-    calls = _spy(monkeypatch, ppo_loss_module, "ppo_loss")
+    calls = spy_on(monkeypatch, ppo_loss_module, "ppo_loss")
     inputs = _inputs(2, 6, seed=10)
     for _ in range(2):  # the second lookup too (a submodule named like its op can shadow it)
         out = ops.ppo_loss(*(inputs[k] for k in NAMES), inputs["mask"], 0.2, 0.2, 0.1, backend="triton")

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import fastppo.kernels._launch as launch  # noqa: E402
-from fastppo import ops, reference  # noqa: E402
+from fastppo import ops  # noqa: E402
 from kernel_utils import (  # noqa: E402
     DEVICE,
     ON_GPU,
