@@ -115,3 +115,12 @@ def test_fused_step_never_allocates_n_by_v(gpt2_dir, tokenizer, monkeypatch, bac
 
     assert largest(), "the default path allocates [N, V] logits; the recorder must see them"
     assert largest(fused_lm_head=True) == []
+
+
+def test_bf16_mixed_precision_through_accelerate(gpt2_dir, tokenizer):
+    trainer, results = _train(gpt2_dir, tokenizer, fused_lm_head=True, gradient_checkpointing=True,
+                              accelerator_kwargs={"mixed_precision": "bf16"})
+    assert trainer.accelerator.mixed_precision == "bf16"
+    for stats, _ in results:
+        assert np.isfinite(stats["ppo/loss/total"]) and (stats["objective/logprobs"] <= 0).all()
+    assert trainer.unwrapped_model.v_head.summary.weight.dtype == torch.float32  # master weights stay fp32
