@@ -8,7 +8,6 @@ trainer's device; any other device is an error.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple, Optional, Sequence
 
@@ -31,19 +30,9 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch
 
 def check_token_ids(name: str, tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     """One 1-D, non-empty integer tensor of ids in [0, vocab_size), returned as int64 on `device`."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tensor).__name__}")
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {tensor.dtype}")
-    if tensor.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (one sequence of token ids), got shape {tuple(tensor.shape)}")
-    if tensor.numel() == 0:
-        raise ValueError(f"{name} is empty; every sequence needs at least one token")
-    tensor = check_device(name, tensor, device)
-    low, high = int(tensor.min()), int(tensor.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"{name} holds token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab_size})")
-    return tensor.long()
+    checked = _token_tensor(name, tensor, device)
+    _check_vocabulary([name], [checked], vocab_size)
+    return checked
 
 
 def check_token_list(name: str, value, vocab_size: int, device: torch.device, batch_size: Optional[int] = None) -> list:
@@ -54,7 +43,34 @@ def check_token_list(name: str, value, vocab_size: int, device: torch.device, ba
         raise ValueError(f"{name} has {len(value)} items but config.batch_size is {batch_size}")
     if len(value) == 0:
         raise ValueError(f"{name} is an empty list")
-    return [check_token_ids(f"{name}[{i}]", tensor, vocab_size, device) for i, tensor in enumerate(value)]
+    names = [f"{name}[{i}]" for i in range(len(value))]
+    checked = [_token_tensor(item_name, tensor, device) for item_name, tensor in zip(names, value)]
+    _check_vocabulary(names, checked, vocab_size)
+    return checked
+
+
+def _token_tensor(name: str, tensor, device: torch.device) -> torch.Tensor:
+    """Type, dtype, shape and device checks of one sequence (no host sync)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tensor).__name__}")
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one sequence of token ids), got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} is empty; every sequence needs at least one token")
+    return check_device(name, tensor, device).long()
+
+
+def _check_vocabulary(names: list, tensors: list, vocab_size: int) -> None:
+    """All ids in [0, vocab_size): one host sync for the whole list; the slow path names the culprit."""
+    ids = torch.cat(tensors)
+    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+        for name, tensor in zip(names, tensors):
+            low, high = int(tensor.min()), int(tensor.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"{name} holds token ids in [{low}, {high}], outside the model's vocabulary "
+                                 f"[0, {vocab_size})")
 
 
 def check_scores(scores, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -77,16 +93,17 @@ def check_scores(scores, batch_size: int, device: torch.device) -> torch.Tensor:
                 raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(item.shape)}")
             if item.dtype == torch.bool or item.is_complex():
                 raise TypeError(f"{name} must be a real number, got dtype {item.dtype}")
-            check_device(name, item, device)
-            value = float(item.reshape(()).item())
+            values.append(check_device(name, item, device).reshape(()).float())
         elif isinstance(item, numbers.Real) and not isinstance(item, bool):
-            value = float(item)
+            values.append(torch.tensor(float(item), device=device))
         else:
             raise TypeError(f"{name} must be a scalar tensor or a number, got {type(item).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} is {value}; scores must be finite")
-        values.append(value)
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    scores = torch.stack(values)
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):  # one host sync for the batch
+        i = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"scores[{i}] is {float(scores[i])}; scores must be finite")
+    return scores
 
 
 def check_response_masks(response_masks, responses: Sequence[torch.Tensor], device: torch.device) -> Optional[list]:
