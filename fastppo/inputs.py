@@ -121,13 +121,17 @@ def check_response_masks(response_masks, responses: Sequence[torch.Tensor], devi
             raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
         if mask.shape != response.shape:
             raise ValueError(f"{name} has shape {tuple(mask.shape)} but responses[{i}] has shape {tuple(response.shape)}")
-        mask = check_device(name, mask, device)
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must hold only 0 and 1")
-        if not bool(mask.any()):
-            raise ValueError(f"{name} masks out every token of responses[{i}]; at least one must count")
-        checked.append(mask.long())
-    return checked
+        checked.append(check_device(name, mask, device))
+    # Value checks on the whole batch at once: one host sync unless something is wrong.
+    flat = torch.cat(checked)
+    counts = torch.stack([mask.ne(0).sum() for mask in checked])
+    if not bool(((flat == 0) | (flat == 1)).all()) or not bool((counts > 0).all()):
+        for i, mask in enumerate(checked):
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"response_masks[{i}] must hold only 0 and 1")
+            if not bool(mask.any()):
+                raise ValueError(f"response_masks[{i}] masks out every token of responses[{i}]; at least one must count")
+    return [mask.long() for mask in checked]
 
 
 def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
