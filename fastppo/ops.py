@@ -276,7 +276,9 @@ def linear_logprobs(
     `return_entropy=True`, also the entropy `[...]`. Tokens go `chunk_size` at a time (None:
     a default sized so one chunk's logits stay ~256 MB on a GPU); each chunk's logits are the
     matmul in the input dtype, upcast to float32 for the log-softmax, and are recomputed in
-    backward. Differentiable w.r.t. hidden, weight and bias. Raises TypeError/ValueError
+    backward, tiles of as many logits walking the vocabulary when N ≤ V (the float32 gradient
+    accumulator is then `[N, H]`, not `[V, H]`). Differentiable w.r.t. hidden, weight and
+    bias. Raises TypeError/ValueError
     naming the argument on wrong types, dtypes, shapes or devices.
     """
     _check_tensor("hidden", hidden, floating=True)

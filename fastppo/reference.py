@@ -226,7 +226,8 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """Chunked linear log-probs: saves hidden, weight, bias, labels and the float32 LSE `[N]`; recomputes logits."""
+    """Chunked linear log-probs: saves hidden, weight, bias, labels, the float32 LSE `[N]` (and
+    entropy); the backward recomputes the logits tile by tile."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, chunk_size):
@@ -243,46 +244,58 @@ class _LinearLogprobs(torch.autograd.Function):
         empty = hidden.new_zeros(0, dtype=torch.float32)
         logp = torch.cat(logps) if logps else empty
         lse = torch.cat(lses) if lses else empty
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        entropy = (torch.cat(entropies) if entropies else empty) if return_entropy else None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         if return_entropy:
-            return logp, (torch.cat(entropies) if entropies else empty)
+            return logp, entropy
         return logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        from fastppo.kernels._launch import linear_logprobs_backward_tiles  # pure Python: needs no triton
+
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None, None
-        temperature, chunk_size = ctx.temperature, ctx.chunk_size
-        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-        # Weight and bias gradients sum over every chunk: accumulate in float32, round once at the end.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            scaled = _chunk_logits(hidden[rows], weight, bias) / temperature
-            logp_all = scaled - lse[rows].unsqueeze(-1)
-            p = logp_all.exp()
+        temperature = ctx.temperature
+        split, tiles = linear_logprobs_backward_tiles(hidden.shape[0], weight.shape[0], ctx.chunk_size)
+        # The operand whose gradient sums over tiles (weight and bias across token chunks, hidden
+        # across vocabulary tiles) accumulates in float32 and is rounded once at the end.
+        sum_hidden = split == "vocab" and len(tiles) > 1
+        sum_weight = split == "tokens" and len(tiles) > 1
+
+        def zeros(leaf, needed, summed):  # written once (zeros + x is exact) or summed in float32
+            return torch.zeros_like(leaf, dtype=torch.float32 if summed else leaf.dtype) if needed else None
+
+        grad_hidden = zeros(hidden, needs_hidden, sum_hidden)
+        grad_weight = zeros(weight, needs_weight, sum_weight)
+        grad_bias = zeros(bias, needs_bias, sum_weight)
+        for rows, cols in tiles:
+            # y = z / T and log p on this tile, from the saved per-row log-sum-exp
+            logp_tile = _chunk_logits(hidden[rows], weight[cols], bias[cols] if bias is not None else None) \
+                / temperature - lse[rows].unsqueeze(-1)
+            p = logp_tile.exp()
             grad_scaled = torch.zeros_like(p)
             if grad_logp is not None:  # ∂logp/∂y = onehot − p
-                onehot = torch.zeros_like(p).scatter_(-1, labels[rows].unsqueeze(-1), 1.0)
+                columns = torch.arange(cols.start, cols.stop, device=labels.device)
+                onehot = (labels[rows].unsqueeze(-1) == columns).float()
                 grad_scaled += grad_logp[rows].float().unsqueeze(-1) * (onehot - p)
             if grad_entropy is not None:  # ∂H/∂y = −p·(log p + H); p = 0 contributes 0
-                entropy = _entropy(logp_all)
-                term = torch.where(p > 0, p * (logp_all + entropy.unsqueeze(-1)), 0.0)
+                term = torch.where(p > 0, p * (logp_tile + entropy[rows].unsqueeze(-1)), 0.0)
                 grad_scaled -= grad_entropy[rows].float().unsqueeze(-1) * term
             # ∂L/∂z in the logits' dtype, as the logprobs op hands it to the lm_head's backward
             grad_logits = (grad_scaled / temperature).to(hidden.dtype)
             if needs_hidden:
-                grad_hidden[rows] = grad_logits @ weight
+                grad_hidden[rows] += grad_logits @ weight[cols]
             if needs_weight:
-                grad_weight += grad_logits.t() @ hidden[rows]
+                grad_weight[cols] += grad_logits.t() @ hidden[rows]
             if needs_bias:
-                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+                grad_bias[cols] += grad_logits.sum(0, dtype=torch.float32)
+        grad_hidden = grad_hidden.to(hidden.dtype) if needs_hidden else None
         grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
         grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
@@ -310,9 +323,10 @@ def linear_logprobs(
     float32 `[...]`. Tokens go `chunk_size` at a time (default: `linear_logprobs_chunk_size`,
     shared with the Triton path): each chunk's logits are the matmul in the input dtype (what
     the model's lm_head computes), upcast to float32 for the log-softmax. The backward
-    recomputes each chunk's logits from hidden, weight, bias and the saved float32
-    log-sum-exp `[N]`; extra memory is O(chunk_size × V) plus a float32 `[V, H]` gradient
-    accumulator. Differentiable w.r.t. hidden, weight and bias.
+    recomputes the logits tile by tile (`linear_logprobs_backward_tiles`: token chunks, or
+    vocabulary tiles when N ≤ V) from hidden, weight, bias and the saved float32 log-sum-exp
+    and entropy `[N]`; extra memory is O(chunk_size × V) plus a float32 gradient accumulator,
+    `[min(N, V), H]`. Differentiable w.r.t. hidden, weight and bias.
     """
     lead_shape, n_hidden = hidden.shape[:-1], hidden.shape[-1]
     hidden2d, labels1d = hidden.reshape(-1, n_hidden), labels.reshape(-1).long()

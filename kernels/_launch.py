@@ -136,23 +136,30 @@ def device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-# --------------------------------------------------------------------------- linear_logprobs token chunks
-# (appended for linear_logprobs.py; pure Python: fastppo.reference uses the same default, without triton)
+# --------------------------------------------------------------------------- linear_logprobs tiles
+# (pure Python: fastppo.reference uses the same chunks and tiles, without triton)
 #
-# linear_logprobs holds one chunk of logits, [chunk, V], at a time (forward and backward each
-# one buffer on the Triton path; the eager reference a few float32 temporaries of that size).
-# On a GPU the chunk is as many tokens as fit ~2**27 logits (256 MB in bf16: at V = 128256,
-# 1024 tokens, enough M for cuBLAS to run near peak); fewer than 128 tokens would starve the
-# tensor cores even at huge V, and beyond 8192 the matmul gains nothing more, so small
-# vocabularies get smaller buffers. On CPU (and under the interpreter) ~2**22 logits keep the
-# reference's float32 temporaries in tens of MB. Untuned on hardware: sweep in bench/ — the
-# backward's per-chunk read-modify-write of the [V, H] weight gradient favours larger chunks.
+# linear_logprobs holds one tile of logits at a time, of about [chunk, V] elements. The forward
+# walks token chunks (a row's log-sum-exp needs all of V). On a GPU the chunk is as many tokens
+# as fit ~2**27 logits (256 MB in bf16: at V = 128256, 1024 tokens, enough M for cuBLAS to run
+# near peak); fewer than 128 tokens would starve the tensor cores even at huge V, and beyond
+# 8192 the matmul gains nothing more, so small vocabularies get smaller buffers. On CPU (and
+# under the interpreter) ~2**22 logits keep the reference's float32 temporaries in tens of MB.
+#
+# The backward needs only the saved per-row statistics, so it can walk either axis. Whichever
+# axis it splits, the gradient of the other operand is summed over the tiles in float32:
+# token chunks sum grad_weight [V, H], vocabulary tiles sum grad_hidden [N, H]. It splits the
+# vocabulary when N ≤ V (RLHF: 32k response tokens against a 128k vocabulary), so the float32
+# accumulator is the smaller [N, H] and every grad_weight row is one matmul, rounded once.
+# Untuned on hardware: sweep chunk and tile sizes in bench/.
 
 LINEAR_CHUNK_LOGITS_GPU = 2**27
 LINEAR_CHUNK_LOGITS_CPU = 2**22
 LINEAR_CHUNK_MIN_TOKENS = 128
 LINEAR_CHUNK_MAX_TOKENS = 8192
 LINEAR_CHUNK_MULTIPLE = 64  # whole tensor-core tiles along M
+LINEAR_VOCAB_TILE_MULTIPLE = 128  # whole tensor-core tiles along N of the recompute matmul
+LINEAR_BACKWARD_SPLIT = None  # None: by N ≤ V; "tokens" or "vocab" forces one (tests, tuning sweeps)
 
 
 def linear_logprobs_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
@@ -161,3 +168,24 @@ def linear_logprobs_chunk_size(n_tokens: int, vocab: int, device: torch.device) 
     chunk = min(max(budget // max(vocab, 1), LINEAR_CHUNK_MIN_TOKENS), LINEAR_CHUNK_MAX_TOKENS)
     chunk -= chunk % LINEAR_CHUNK_MULTIPLE
     return max(1, min(chunk, n_tokens))
+
+
+def linear_logprobs_backward_tiles(n_tokens: int, vocab: int, chunk_size: int) -> Tuple[str, list]:
+    """How the backward walks the [N, V] logits: (split, [(rows, cols), ...] slices), N ≥ 1.
+
+    split "tokens": `chunk_size` rows × all V per tile, grad_weight summed over tiles.
+    split "vocab": all N rows × ⌊chunk_size·V / N⌋ columns (whole tensor-core tiles when
+    that is ≥ 128) per tile, grad_hidden summed over tiles. Either way a tile holds at most
+    about chunk_size × V logits, as the forward's chunk does; one tile covers everything
+    (nothing to sum) when N ≤ chunk_size.
+    """
+    everything = slice(0, vocab)
+    split = LINEAR_BACKWARD_SPLIT or ("tokens" if n_tokens > vocab else "vocab")
+    if n_tokens <= chunk_size or split == "tokens":
+        return "tokens", [(slice(start, min(start + chunk_size, n_tokens)), everything)
+                          for start in range(0, n_tokens, chunk_size)]
+    width = max(1, chunk_size * vocab // n_tokens)
+    if width >= LINEAR_VOCAB_TILE_MULTIPLE:
+        width -= width % LINEAR_VOCAB_TILE_MULTIPLE
+    rows = slice(0, n_tokens)
+    return "vocab", [(rows, slice(start, min(start + width, vocab))) for start in range(0, vocab, width)]

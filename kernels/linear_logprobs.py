@@ -6,38 +6,45 @@ Math, token n with hidden h_n ∈ R^H, label k, logits z = W h_n + b ∈ R^V, y 
     G_nv   = ∂L/∂z_nv = g_n (1[v = k] − p_v) / T − gH_n p_v (log p_v + H_n) / T
     ∂L/∂h_n = Σ_v G_nv W_v,   ∂L/∂W = G.T @ hidden,   ∂L/∂b = Σ_n G_n
 
-The tokens go C = `chunk_size` at a time (default `_launch.linear_logprobs_chunk_size`).
-Forward, per chunk: cuBLAS writes the chunk's logits z = h W.T + b, in the input dtype, into
-one reused [C, V] buffer (what the model's lm_head would produce), and the Triton logprobs
-kernel (kernels/logprobs.py) streams each row once in float32: logp, entropy, and the two
-float32 numbers per row its backward needs (row max, log2 Σ 2^…), kept for all N tokens.
-Backward, per chunk: recompute the logits into the buffer, run the logprobs backward kernel
-*in place* (the buffer now holds G in the input dtype), then grad_hidden[chunk] = G @ W
-(written straight into the output) and grad_W += G.T @ h, grad_b += Σ G (float32
-accumulators, rounded once to the weight's dtype at the end). The vocabulary is not chunked:
-at C ≈ 1024 a full row of logits is what keeps the matmul large.
+Forward: the tokens go C = `chunk_size` at a time (default `_launch.linear_logprobs_chunk_size`).
+Per chunk, cuBLAS writes the chunk's logits z = h W.T + b, in the input dtype, into one reused
+[C, V] buffer (what the model's lm_head would produce), and the Triton logprobs kernel
+(kernels/logprobs.py) streams each row once in float32: logp, entropy, and the two float32
+numbers per row its backward needs (row max, log2 Σ 2^…), kept for all N tokens.
+
+Backward: with those row statistics G is column-local, so the logits can be walked along
+either axis (`_launch.linear_logprobs_backward_tiles`), a tile of about C × V logits at a
+time. Per tile: recompute the logits into the buffer, run the logprobs backward kernel *in
+place* (the buffer now holds G in the input dtype; labels are shifted by the tile's first
+column, so a label outside it matches nothing), then the two gradient matmuls. When N ≤ V
+(RLHF: 32k response tokens, a 128k vocabulary) the tiles are all N tokens × ⌊C·V/N⌋ columns:
+each grad_W row block G_tile.T @ h is one matmul, summed over all N inside cuBLAS in float32
+and rounded once, written straight into the output, and grad_hidden += G_tile @ W_tile sums
+over the tiles in a float32 [N, H] accumulator. When N > V the tiles are C-token chunks and
+the roles swap (grad_W and grad_b summed in float32 [V, H] and [V]). One tile covers
+everything, and nothing is summed, when N ≤ C.
 
 Shapes: hidden [..., H], weight [V, H], labels [...] int, bias [V] or None, one float dtype
 → logp [...] float32 (≤ 0), entropy [...] float32.
-Memory beyond inputs and outputs: one [C, V] buffer in the input dtype per pass, 12 bytes
-per token (row max, log2-sum, entropy), and for half-precision weights a float32 [V, H]
-gradient accumulator (plus the [V, H] product of each chunk before it is added).
+Memory beyond inputs and outputs: one buffer of ≤ C·V logits in the input dtype per pass,
+12 bytes per token (row max, log2-sum, entropy), and for half-precision inputs a float32
+[min(N, V), H] accumulator plus the half-precision product of each tile before it is added.
+At DESIGN §6's N = 32768, H = 4096, V = 128256, bf16, C = 1024: 33 tiles of 3968 columns,
+a 260 MB buffer, a 537 MB accumulator and a 268 MB product: ~1.07 GB beyond the gradients
+(a token-chunked backward would need a 2.1 GB float32 [V, H] and a 1.05 GB product).
 FLOPs: 2·N·H·V forward; 6·N·H·V backward (recompute, G @ W, G.T @ h): 8·N·H·V in all.
 Bytes (bf16, N·V·2 per pass over the logits): forward writes and reads the logits once
-(2 passes) and reads W N/C times; backward writes them (recompute), reads and writes them
-(epilogue), reads them twice (the two gradient matmuls): 5 passes. On an H100 (~3 TB/s,
-~790 TFLOP/s) at H = 4096 the 7 passes (14 B per logit) cost ~11 % of the 8·H FLOPs per
-logit. The grad_W accumulator is read and rewritten once per chunk (float32, plus the bf16
-product: ~12 B per weight element per chunk), ~400/C of the matmul time — ~40 % at
-C = 1024, which is why the chunk size and the accumulation are the first things to measure.
+(2 passes); backward writes them (recompute), reads and writes them (epilogue), reads them
+twice (the two gradient matmuls): 5 passes. On an H100 (~3 TB/s, ~790 TFLOP/s) at H = 4096
+the 7 passes (14 B per logit) cost ~11 % of the 8·H FLOPs per logit. The accumulator is read
+and rewritten once per tile, and the bf16 product written and read: 12 B per element and
+tile, ~53 GB at the shape above, another ~10 %. Not measured on a GPU yet.
 
 Future work, to measure on a GPU (DESIGN §6: peak extra ≤ 2 GB and ≤ 1.25× the 8·N·H·V
-matmul floor at N=32768, H=4096, V=128256): grad_W accumulated in bf16 by cuBLAS itself
-(`addmm_` with beta = 1, Liger-Kernel's choice: no [V, H] temporaries, ~4 B per element per
-chunk, at the price of N/C bf16 roundings) or an `out_dtype=torch.float32` addmm where the
-installed torch has it on CUDA (no bf16 product); larger chunks; and a fused Triton matmul
-variant (the online log-sum-exp in the matmul's epilogue, logits never written to HBM,
-vocabulary tiles combined through their LSEs).
+matmul floor at that shape): the accumulation through `addmm(..., out_dtype=torch.float32)`
+where the installed torch has it on CUDA (no product temporary, 4 B less per element and
+tile); tile and chunk sizes; and a fused Triton matmul variant (the online log-sum-exp in the
+matmul's epilogue, logits never written to HBM, vocabulary tiles combined through their LSEs).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from typing import Optional
 
 import torch
 
-from ._launch import linear_logprobs_chunk_size
+from . import _launch
 from .logprobs import _backward as _logprobs_backward
 from .logprobs import _forward as _logprobs_forward
 
@@ -79,42 +86,77 @@ def _forward(hidden, weight, bias, labels, temperature: float, return_entropy: b
 
 def _backward(hidden, weight, bias, labels, row_max, log2_sum, entropy, temperature: float, chunk_size: int,
               grad_logp, grad_entropy, needs_grad):
-    """(grad_hidden, grad_weight, grad_bias), each None where `needs_grad` says so."""
+    """(grad_hidden, grad_weight, grad_bias), each None where `needs_grad` says so.
+
+    Walks the tiles of `_launch.linear_logprobs_backward_tiles`: per tile, recompute the
+    logits, turn them into ∂L/∂z in place, then the two gradient matmuls. The operand whose
+    gradient sums over tiles (grad_weight and grad_bias across token chunks, grad_hidden across
+    vocabulary tiles) accumulates in float32 and is rounded once; the other is written once.
+    """
     needs_hidden, needs_weight, needs_bias = needs_grad
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
+    split, tiles = _launch.linear_logprobs_backward_tiles(n_tokens, vocab, chunk_size)
     # upstream grads may be expanded (stride 0): [N] floats, cheap to make dense once
-    grad_logp = grad_logp.float().contiguous() if grad_logp is not None else None
+    if grad_logp is None:
+        grad_logp = torch.zeros(n_tokens, dtype=torch.float32, device=device)
+    grad_logp = grad_logp.float().contiguous()
     grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if needs_hidden else None
-    # Sums over every chunk accumulate in float32 (a float32 weight accumulates in its own gradient).
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs_weight else None
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if needs_bias else None
-    buffer = torch.empty(min(chunk_size, n_tokens), vocab, dtype=hidden.dtype, device=device)
-    for start in range(0, n_tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_tokens))
-        logits = _chunk_logits(hidden[rows], weight, bias, out=buffer[: rows.stop - start])
+    # Written once by a single tile; else summed (zero tiles, N = 0: a zero gradient)
+    sum_hidden = len(tiles) != 1 and split == "vocab"
+    sum_weight = len(tiles) != 1 and split == "tokens"
+    grad_hidden = _gradient(hidden, needs_hidden, sum_hidden)
+    grad_weight = _gradient(weight, needs_weight, sum_weight)
+    grad_bias = _gradient(bias, needs_bias, sum_weight)
+    largest = max(((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in tiles), default=0)
+    buffer = torch.empty(largest, dtype=hidden.dtype, device=device)  # one tile of logits, reused
+    for rows, cols in tiles:
+        tile_shape = (rows.stop - rows.start, cols.stop - cols.start)
+        tile_bias = bias[cols] if bias is not None else None
+        logits = _chunk_logits(hidden[rows], weight[cols], tile_bias,
+                               out=buffer[: tile_shape[0] * tile_shape[1]].view(tile_shape))
+        # Column-local: p_v comes from the saved row max and log2-sum; a label outside this tile
+        # of columns (shifted below 0 or past its width) matches no column.
+        tile_labels = labels[rows] - cols.start if cols.start else labels[rows]
         grad_logits = _logprobs_backward(  # in place: the buffer now holds ∂L/∂z in the input dtype
-            logits, labels[rows], row_max[rows], log2_sum[rows], temperature,
-            grad_logp[rows] if grad_logp is not None else None,
+            logits, tile_labels, row_max[rows], log2_sum[rows], temperature, grad_logp[rows],
             entropy=entropy[rows] if grad_entropy is not None else None,
             grad_entropy=grad_entropy[rows] if grad_entropy is not None else None,
             out=logits,
         )
         if needs_hidden:
-            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            _matmul_into(grad_hidden[rows], grad_logits, weight[cols], accumulate=sum_hidden)
         if needs_weight:
-            if grad_weight.dtype == grad_logits.dtype:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows])
-            else:
-                grad_weight += grad_logits.t() @ hidden[rows]
+            _matmul_into(grad_weight[cols], grad_logits.t(), hidden[rows], accumulate=sum_weight)
         if needs_bias:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
-    if needs_weight:
-        grad_weight = grad_weight.to(weight.dtype)
-    if needs_bias:
-        grad_bias = grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+            if sum_weight:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+            else:
+                grad_bias[cols] = grad_logits.sum(0, dtype=torch.float32)
+    return (_rounded(grad_hidden, hidden), _rounded(grad_weight, weight), _rounded(grad_bias, bias))
+
+
+def _gradient(leaf, needed: bool, summed: bool):
+    """The gradient buffer of `leaf`: float32 zeros where tiles sum into it, else its own dtype."""
+    if not needed:
+        return None
+    if summed:
+        return torch.zeros(leaf.shape, dtype=torch.float32, device=leaf.device)
+    return torch.empty_like(leaf, memory_format=torch.contiguous_format)
+
+
+def _matmul_into(out, a, b, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b (float32 `out` of half-precision operands: through a product temporary)."""
+    if not accumulate:
+        torch.mm(a, b, out=out)
+    elif out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b
+
+
+def _rounded(grad, leaf):
+    return grad.to(leaf.dtype) if grad is not None else None
 
 
 # --------------------------------------------------------------------------- autograd
@@ -174,7 +216,7 @@ def linear_logprobs(
     hidden2d = hidden.reshape(-1, hidden.shape[-1])  # a view where it can be; [N, H] ≪ [N, V] where not
     labels1d = labels.reshape(-1).contiguous()
     if chunk_size is None:
-        chunk_size = linear_logprobs_chunk_size(hidden2d.shape[0], weight.shape[0], hidden.device)
+        chunk_size = _launch.linear_logprobs_chunk_size(hidden2d.shape[0], weight.shape[0], hidden.device)
     out = LinearLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature), return_entropy,
                                max(1, int(chunk_size)))
     if return_entropy:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -122,6 +123,42 @@ class LargeAllocations(TorchDispatchMode):
                 continue
             if tensor.numel() >= self.min_numel and tensor.untyped_storage().data_ptr() not in input_storages:
                 self.found.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of storage created inside the block and alive at the same time (CPU or GPU).
+
+    What `torch.cuda.max_memory_allocated` minus the inputs measures on a GPU, for any device:
+    every op output whose storage is new (not one of the op's inputs) is counted until Python
+    frees it (checked before each op). Allocations inside one op (a matmul's workspace) are not
+    seen; neither is memory that never becomes a tensor.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # data_ptr → (weak ref to the storage, bytes)
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for key, (ref, n_bytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= n_bytes
+        out = func(*args, **kwargs)
+        input_storages = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
+                          if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in input_storages or key in self.live or storage.nbytes() == 0:
+                continue
+            self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
         return out
 
 

@@ -94,9 +94,6 @@ def test_fused_step_never_allocates_n_by_v(gpt2_dir, tokenizer, monkeypatch, bac
 
     if backend == "triton":
         pytest.importorskip("triton")
-        import fastppo.kernels.linear_logprobs as fused_kernel
-
-        monkeypatch.setattr(fused_kernel, "linear_logprobs_chunk_size", lambda n, v, device: 4)
     monkeypatch.setattr(launch, "linear_logprobs_chunk_size", lambda n, v, device: 4)
     generator = torch.Generator().manual_seed(0)
     queries = [torch.randint(2, 320, (2,), generator=generator) for _ in range(4)]

@@ -19,6 +19,7 @@ from kernel_utils import (  # noqa: E402
     DEVICE,
     ON_GPU,
     LargeAllocations,
+    PeakLiveBytes,
     assert_within_twice_reference_error,
     interpreter_unusable,
 )
@@ -85,11 +86,14 @@ CASES = [  # (leading shape, H, V, chunk_size, bias, temperature)
 CASE_IDS = ["N13-chunk4", "N1-default", "3d-V300", "one-chunk-V129"]
 
 
+@pytest.mark.parametrize("split", ["tokens", "vocab"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_full_logits_math(dtype, case, backend):
-    """Forward (logp, entropy) and gradients of hidden, weight and bias against the unchunked math."""
+def test_matches_full_logits_math(dtype, case, backend, split, monkeypatch):
+    """Forward (logp, entropy) and gradients of hidden, weight and bias against the unchunked math,
+    with the backward walking token chunks or vocabulary tiles."""
+    monkeypatch.setattr(launch, "LINEAR_BACKWARD_SPLIT", split)
     shape, n_hidden, vocab, chunk_size, bias, temperature = case
     hidden, weight, bias_, labels = make_inputs(shape, n_hidden, vocab, dtype, bias)
     logp, entropy, grads = run(op(backend, chunk_size), hidden, weight, bias_, labels, temperature)
@@ -156,7 +160,56 @@ def test_non_contiguous_hidden_view(backend):
         torch.testing.assert_close(grad, ref_grad, **tol(torch.float32))
 
 
-# --------------------------------------------------------------------------- memory
+# --------------------------------------------------------------------------- tiles and memory
+
+
+@pytest.mark.parametrize("n_tokens, vocab, chunk", [(32768, 128256, 1024), (13, 37, 4), (300, 200, 64),
+                                                    (64, 96, 8), (5, 1000, 8), (1, 7, 1)])
+def test_backward_tiles_cover_the_logits_once_within_the_chunk_budget(n_tokens, vocab, chunk):
+    split, tiles = launch.linear_logprobs_backward_tiles(n_tokens, vocab, chunk)
+    # a partition of one axis, each tile spanning the whole other axis: every logit exactly once
+    walked, whole = (0, 1) if split == "tokens" else (1, 0)
+    sizes = (n_tokens, vocab)
+    edges = [0]
+    for tile in tiles:
+        assert tile[whole] == slice(0, sizes[whole]) and tile[walked].start == edges[-1] < tile[walked].stop
+        edges.append(tile[walked].stop)
+        # about one forward chunk of logits: ≤ chunk·V, the vocab tile's rounding only ever shrinks it
+        assert (tile[0].stop - tile[0].start) * (tile[1].stop - tile[1].start) <= chunk * vocab
+    assert edges[-1] == sizes[walked]
+    # the float32 accumulator is the smaller of grad_hidden [N, H] and grad_weight [V, H]
+    assert split == ("vocab" if chunk < n_tokens <= vocab else "tokens")
+    if split == "vocab" and chunk * vocab // n_tokens >= launch.LINEAR_VOCAB_TILE_MULTIPLE:
+        assert all((cols.stop - cols.start) % launch.LINEAR_VOCAB_TILE_MULTIPLE == 0 for _, cols in tiles[:-1])
+    if (n_tokens, vocab) == (32768, 128256):  # DESIGN §6's shape: 33 tiles of 3968 columns, 260 MB in bf16
+        assert len(tiles) == 33 and tiles[0][1] == slice(0, 3968)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peak_memory_is_one_tile_and_the_smaller_accumulator(backend):
+    """bf16, N < V: fwd+bwd peak live bytes beyond the gradients themselves stay within one tile of
+    logits (plus, for the reference, its float32 temporaries of a tile) and a float32 [N, H]
+    accumulator with its product — below the float32 [V, H] a token-chunked backward would sum into."""
+    n_tokens, n_hidden, vocab, chunk = 32, 64, 512, 4  # vocabulary tiles of 64 columns, 8 of them
+    hidden, weight, bias, labels = make_inputs((n_tokens,), n_hidden, vocab, torch.bfloat16, seed=10)
+    g_logp, g_entropy = upstream(n_tokens, 11), upstream(n_tokens, 12)
+    with PeakLiveBytes() as memory:
+        logp, entropy = ops.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True,
+                                            backend=backend, chunk_size=chunk)
+        grads = torch.autograd.grad((logp, entropy), (hidden, weight, bias), (g_logp, g_entropy))
+    gradients = sum(grad.numel() * grad.element_size() for grad in grads)
+    tile_logits = chunk * vocab  # elements: the forward chunk and each backward tile hold this many
+    per_tile = 2 if backend == "triton" else 2 + 7 * 4  # bf16 buffer; the reference's float32 temporaries
+    accumulator = n_tokens * n_hidden * (4 + 2)  # float32 grad_hidden and one bf16 product
+    per_token = 64  # logp, entropy, row statistics, upstream grads, shifted labels: a few words per token
+    bound = tile_logits * per_tile + accumulator + n_tokens * per_token
+    assert memory.peak - gradients <= bound, (memory.peak, gradients, bound)
+    assert memory.peak - gradients < vocab * n_hidden * 4  # a float32 [V, H]
+    with PeakLiveBytes() as unchunked:  # the same recorder sees the eager path's [N, V] logits
+        run(full_logits_math, hidden, weight, bias, labels, 1.0)
+    assert unchunked.peak > n_tokens * vocab * 4
+
+
 
 
 def largest_numel(recorder: LargeAllocations) -> int:
@@ -286,8 +339,9 @@ def test_gpu_memory_stays_chunk_sized(backend):
     logp, entropy = ops.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=backend)
     grads = torch.autograd.grad((logp, entropy), (hidden, weight, bias), (g_logp, g_entropy))
     peak_extra = torch.cuda.max_memory_allocated() - before
-    # Triton: one bf16 chunk buffer + the [V, H] gradient (float32 accumulator, bf16 product and result);
-    # the reference adds a few float32 chunk temporaries. Unchunked: bf16 logits + their float32 upcast, and more.
+    # Triton: one bf16 tile of ~1024·V logits, the float32 [N, H] accumulator and its product, the bf16
+    # gradients; the reference adds a few float32 tile temporaries. Unchunked: bf16 logits + their
+    # float32 upcast, and more.
     bound = n_tokens * vocab * (2 if backend == "triton" else 4) // 2
     assert peak_extra < bound, f"peak extra {peak_extra / 2**30:.2f} GiB ≥ {bound / 2**30:.2f} GiB"
     subset = slice(0, 512)  # values against the unchunked math on a slice of the tokens
