@@ -49,6 +49,12 @@ class TokenOutputs(NamedTuple):
     logits: Optional[torch.Tensor]  # "full": [b, L-1, V] view; "response": [n, V]; "fused": None
 
 
+# The logits come straight out of the LM head (whose backward reads its input and weight, not
+# its output) and nothing reads them after the loss's backward: the Triton logprobs backward
+# may overwrite them with their gradient (`inplace_backward`), one [b, L-1, V] buffer less.
+# A model whose graph did save them would raise at backward (the kernel bumps their version).
+
+
 def token_outputs(
     model,
     unwrapped: AutoModelForCausalLMWithValueHead,
@@ -67,7 +73,8 @@ def token_outputs(
     if mode == "full":
         logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=False)
         logits = logits[:, :-1]
-        out = ops.logprobs_from_logits(logits, labels, return_entropy=return_entropy, backend=backend)
+        out = ops.logprobs_from_logits(logits, labels, return_entropy=return_entropy, backend=backend,
+                                       inplace_backward=True)
         logprobs, entropy = out if return_entropy else (out, None)
         return TokenOutputs(logprobs, entropy, values[:, :-1], logits)
 
@@ -82,7 +89,8 @@ def token_outputs(
                                   return_entropy=return_entropy, backend=backend)
     else:
         logits = torch.nn.functional.linear(response_hidden, head.weight, head.bias)
-        out = ops.logprobs_from_logits(logits, response_labels, return_entropy=return_entropy, backend=backend)
+        out = ops.logprobs_from_logits(logits, response_labels, return_entropy=return_entropy, backend=backend,
+                                       inplace_backward=True)
     logprobs, entropy = out if return_entropy else (out, None)
     return TokenOutputs(_scatter(logprobs, positions), _scatter(entropy, positions) if return_entropy else None,
                         values[:, :-1], logits)

@@ -133,12 +133,16 @@ def logprobs_from_logits(
     temperature: float = 1.0,
     return_entropy: bool = False,
     backend: Optional[str] = None,
+    inplace_backward: bool = False,
 ):
     """Log-probability of each label under softmax(logits / temperature), float32.
 
     logits `[..., V]` (fp32/bf16/fp16, may be a non-contiguous view such as
     `logits[:, :-1]`), labels `[...]` integer → `[...]` float32 (≤ 0); with
     `return_entropy=True`, also the entropy `[...]`. Differentiable w.r.t. logits.
+    `inplace_backward=True` lets the Triton backend write the logits' gradient into the
+    logits' own memory (one `[..., V]` buffer less; the logits must not be needed after this
+    backward, as with an LM head's output); the torch backend ignores it.
     Raises TypeError/ValueError on wrong types or shapes.
     """
     _check_tensor("logits", logits, floating=True)
@@ -152,7 +156,8 @@ def logprobs_from_logits(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     impl = _implementation("logprobs_from_logits", backend, logits.device)
-    return impl(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    return impl(logits, labels, temperature=temperature, return_entropy=return_entropy,
+                inplace_backward=inplace_backward)
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:

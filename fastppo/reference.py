@@ -16,12 +16,14 @@ KL_ESTIMATORS = ("kl", "abs", "mse", "full", "k3")
 
 
 def logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
+    inplace_backward: bool = False,
 ):
     """log softmax(logits / temperature)[label] per position.
 
     logits `[..., V]` (any float dtype), labels `[...]` int → float32 `[...]`; with
     `return_entropy`, also the entropy of softmax(logits / temperature), float32 `[...]`.
+    `inplace_backward` is the kernel's memory option; autograd's log_softmax ignores it.
     """
     scaled = logits.float()
     if temperature != 1.0:

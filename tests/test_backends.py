@@ -57,3 +57,25 @@ def test_auto_uses_triton_under_the_interpreter(monkeypatch):
     ops.gae(rewards, torch.zeros(2, 5), torch.ones(2, 5), 1.0, 0.9)
     ops.gae(rewards, torch.zeros(2, 5), torch.ones(2, 5), 1.0, 0.9)
     assert len(calls) == 2  # every call reaches the kernel, not only the first
+
+
+@pytest.mark.parametrize("response_only_logits", [False, True], ids=["full", "response"])
+def test_training_backward_writes_the_logits_gradient_in_place(gpt2_dir, tokenizer, monkeypatch,
+                                                               response_only_logits):
+    """The training forward asks the logprobs kernel to reuse the LM head's logits for their gradient
+    (one [b, L-1, V] buffer less); results equal the torch backend's (test above)."""
+    import fastppo.kernels.logprobs as module
+
+    calls, real = [], module.logprobs_from_logits
+
+    def spy(logits, labels, **kwargs):
+        calls.append((kwargs["inplace_backward"], torch.is_grad_enabled()))
+        out = real(logits, labels, **kwargs)
+        if torch.is_grad_enabled():  # the gradient the LM head receives is the logits' own memory
+            logits.register_hook(lambda grad: grads.append(grad.data_ptr() == logits.data_ptr()))
+        return out
+
+    grads = []
+    monkeypatch.setattr(module, "logprobs_from_logits", spy)
+    _train(gpt2_dir, tokenizer, "triton", response_only_logits=response_only_logits)
+    assert (True, True) in calls and grads and all(grads)
