@@ -5,7 +5,11 @@ once, N·V·s (+ 12 bytes a row: label, result); forward + backward reads them a
 their gradient, 3·N·V·s (+ 16 bytes a row). DESIGN.md §6 bars at N=16384, V=151936, bf16:
 forward ≥ 85 % of that floor and ≥ 8× eager; forward + backward ≥ 4× eager with extra memory
 ≤ one bf16 [N, V]. The liger provider is liger-kernel's cross-entropy with reduction="none",
-negated (−CE = the label's log-prob): the nearest thing it ships; it has no temperature.
+negated (−CE = the label's log-prob): the nearest thing it ships; it has no temperature. Its
+forward already computes the gradient and writes it over the input logits (its memory trick;
+checked with liger-kernel 0.8.5 under the Triton interpreter), so its forward row times a
+forward + backward's work, and the rotated inputs hold gradients after its first call: fine
+for timing, which does not depend on the values.
 """
 
 import torch

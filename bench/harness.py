@@ -10,8 +10,9 @@ Modes (picked once per run, see `run_mode`):
   pytest-benchmark (median of rounds, perf_counter) over rotated inputs. The fastppo provider
   would run under the Triton interpreter (Python, orders of magnitude slower): not timed.
 - ``smoke`` (``--bench-smoke`` or FASTPPO_BENCH_SMOKE=1): tiny shapes, one timed round, on
-  whatever device there is; every provider that can run — fastppo included, under the
-  interpreter on CPU — so CI proves the suite still runs. Its numbers mean nothing.
+  whatever device there is; every provider that can run — fastppo (and liger, where
+  installed) included, under the interpreter on CPU — so CI proves the suite still runs.
+  Its numbers mean nothing.
 
 Every benchmark stores what the report needs in `benchmark.extra_info`: op, provider, shape,
 dtype, seq_len, device, bytes (that must move), flops, median_ms, GB/s and % of the
@@ -127,12 +128,12 @@ def provider_skip_reason(provider: str, env: BenchEnv) -> Optional[str]:
             if os.environ.get("TRITON_INTERPRET") != "1":
                 return "TRITON_INTERPRET=1 was not set before triton was imported"
     if provider == "liger":
-        if not env.cuda:
-            return "liger-kernel needs CUDA"
         try:
             import liger_kernel  # noqa: F401
         except ImportError:
             return "liger-kernel not installed"
+        if not env.cuda and not (env.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
+            return "CPU: liger-kernel's Triton kernels run only under the interpreter (--bench-smoke runs them)"
     return None
 
 
