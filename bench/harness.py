@@ -92,7 +92,7 @@ class BenchEnv:
     @property
     def ceilings(self) -> dict:
         if self._ceilings is None:
-            self._ceilings = machine.measure_ceilings(self.device, self.smoke)
+            self._ceilings = machine.measure_ceilings(self.device, self.smoke, self.cuda)
         return self._ceilings
 
     def synchronize(self) -> None:
@@ -101,7 +101,7 @@ class BenchEnv:
 
     def cache_bytes(self) -> int:
         """Last-level cache the rotated inputs must overflow (L2 on CUDA, L3 or so on CPU)."""
-        return machine.last_level_cache_bytes(self.device)
+        return machine.last_level_cache_bytes(self.device, self.cuda)
 
 
 # --------------------------------------------------------------------------- providers

@@ -33,13 +33,14 @@ def median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -
     return sorted(times)[len(times) // 2]
 
 
-def measure_ceilings(device: torch.device, smoke: bool) -> dict:
+def measure_ceilings(device: torch.device, smoke: bool, cuda: Optional[bool] = None) -> dict:
     """Measured (never datasheet) copy bandwidth and matmul rate of `device`.
 
     Copy: device-to-device `dst.copy_(src)`, bandwidth = (read + write bytes) / time. Matmul:
     a square bf16 matmul on CUDA (fp32 on CPU, where bf16 GEMMs are not the fast path), 2·n³ / time.
+    `cuda` (default: the device's type) picks the branch; the tests fake a CUDA device with it.
     """
-    if device.type == "cuda":
+    if (device.type == "cuda") if cuda is None else cuda:
         from triton.testing import do_bench
 
         n_bytes = (64 << 20) if smoke else (1 << 30)
@@ -128,9 +129,9 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def last_level_cache_bytes(device: torch.device) -> int:
+def last_level_cache_bytes(device: torch.device, cuda: Optional[bool] = None) -> int:
     """Last-level cache size: L2 on CUDA, the largest CPU cache Linux reports (32 MiB if none)."""
-    if device.type == "cuda":
+    if (device.type == "cuda") if cuda is None else cuda:
         return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
     sizes = []
     root = "/sys/devices/system/cpu/cpu0/cache"
