@@ -105,16 +105,33 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         Value-head kwargs (`summary_dropout_prob`, `v_head_init_strategy`,
         `v_head_initializer_range`) are split off; `peft_config` wraps the model with PEFT;
         everything else (`dtype`, `attn_implementation`, `device_map`, ...) goes to
-        `AutoModelForCausalLM.from_pretrained`.
+        `AutoModelForCausalLM.from_pretrained`. A PEFT checkpoint (a directory or hub repo with
+        `adapter_config.json`, as `save_pretrained` writes for a PEFT policy) loads its base
+        model, then the adapter on top — frozen unless `is_trainable=True`, as in TRL — and
+        its value head.
         """
         v_head_kwargs = {name: kwargs.pop(name) for name in cls.supported_args if name in kwargs}
         peft_config = kwargs.pop("peft_config", None)
+        is_trainable = kwargs.pop("is_trainable", False)
+        adapter_source = None
         if isinstance(pretrained_model_name_or_path, nn.Module):
             base = pretrained_model_name_or_path
             source = None
         else:
-            base = cls.transformers_parent_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             source = os.fspath(pretrained_model_name_or_path)
+            if peft_config is None and _resolve_file(source, "adapter_config.json", kwargs) is not None:
+                from peft import PeftConfig
+
+                adapter_source = source
+                load_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "token", "subfolder")}
+                base_path = PeftConfig.from_pretrained(source, **load_kwargs).base_model_name_or_path
+                base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **kwargs)
+            else:
+                base = cls.transformers_parent_class.from_pretrained(source, *model_args, **kwargs)
+        if adapter_source is not None:
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, adapter_source, is_trainable=is_trainable)
         if peft_config is not None:
             from peft import get_peft_model
 

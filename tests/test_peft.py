@@ -40,3 +40,25 @@ def test_peft_save_writes_adapter_and_value_head(lora_model, tmp_path):
     files = set(os.listdir(tmp_path))
     assert "adapter_config.json" in files and "v_head.safetensors" in files
     assert "model.safetensors" not in files  # the frozen base is not duplicated
+
+
+def test_peft_checkpoint_reloads_adapter_and_value_head(lora_model, tokenizer, tmp_path):
+    """TRL's round trip: save a trained LoRA policy, `from_pretrained(dir)` gives the same policy back,
+    a PeftModel (so the trainer's reference is still the adapter-free base)."""
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-2), lora_model, None, tokenizer)
+    trainer.step(*make_batch(tokenizer, 4))  # move the adapter and the head away from their initial values
+    lora_model.save_pretrained(tmp_path)
+    ids = torch.randint(2, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(3))
+    lora_model.eval()
+    with torch.no_grad():
+        expected = lora_model(input_ids=ids)
+    for is_trainable in (False, True):
+        loaded = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, is_trainable=is_trainable).eval()
+        assert loaded.is_peft_model
+        with torch.no_grad():
+            got = loaded(input_ids=ids)
+        torch.testing.assert_close(got[0], expected[0])  # logits: the trained adapter is applied
+        torch.testing.assert_close(got[2], expected[2])  # values: the trained head is restored
+        trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+        assert any("lora_" in n for n in trainable) == is_trainable  # TRL: adapters load frozen unless asked
+        assert all("lora_" in n or n.startswith("v_head.") for n in trainable)
