@@ -282,16 +282,51 @@ def disable_dropout(module: nn.Module) -> None:
                 setattr(submodule, name, 0.0)
 
 
-def create_reference_model(model: AutoModelForCausalLMWithValueHead, num_shared_layers: Optional[int] = None):
-    """A frozen (requires_grad=False, eval mode) deep copy of `model`, for the KL penalty."""
+# Where transformer blocks sit in common architectures' parameter names (GPT-2, OPT-style
+# decoders, GPT-NeoX, Llama-style), with `{layer}` for the block index; TRL's list.
+LAYER_PATTERNS = ("transformer.h.{layer}.", "model.decoder.layers.{layer}.", "gpt_neox.layers.{layer}.",
+                  "model.layers.{layer}.")
+
+
+def create_reference_model(model: AutoModelForCausalLMWithValueHead, num_shared_layers: Optional[int] = None,
+                           pattern: Optional[str] = None):
+    """A frozen (requires_grad=False, eval mode) copy of `model`, for the KL penalty.
+
+    With `num_shared_layers=n`, every parameter before block n (the embeddings and blocks
+    0..n-1, and whatever is tied to them, such as GPT-2's LM head) is frozen in `model` too and
+    is the *same tensor* in both models instead of a copy: TRL's math (its reference is a full
+    copy, identical while those weights stay frozen) with that much less memory. Blocks are
+    found through `pattern` (e.g. "transformer.h.{layer}.") or the common layouts in
+    LAYER_PATTERNS. Raises ValueError when no block n exists.
+    """
     if not isinstance(model, AutoModelForCausalLMWithValueHead):
         raise TypeError(f"model must be an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
+    shared = []
     if num_shared_layers is not None:
-        raise ValueError("create_reference_model: num_shared_layers is not supported; the reference is a full frozen copy")
-    ref_model = copy.deepcopy(model)
+        if isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int) or num_shared_layers < 1:
+            raise ValueError(f"num_shared_layers must be a positive int or None, got {num_shared_layers!r}")
+        shared = _parameters_before_block(model, num_shared_layers, pattern)
+        for parameter in shared:
+            parameter.requires_grad_(False)
+    # deepcopy's memo maps an object's id to its copy: the shared parameters map to themselves
+    ref_model = copy.deepcopy(model, {id(parameter): parameter for parameter in shared})
     for parameter in ref_model.parameters():
         parameter.requires_grad_(False)
     return ref_model.eval()
+
+
+def _parameters_before_block(model: nn.Module, layer: int, pattern: Optional[str]) -> list:
+    """`model`'s parameters registered before the first one of block `layer` (named by `pattern`)."""
+    named = list(model.named_parameters())
+    candidates = [pattern] if pattern is not None else list(LAYER_PATTERNS)
+    for candidate in candidates:
+        marker = candidate.format(layer=layer)
+        first = next((i for i, (name, _) in enumerate(named) if marker in name), None)
+        if first is not None:
+            return [parameter for _, parameter in named[:first]]
+    raise ValueError(f"num_shared_layers={layer}: no parameter name contains "
+                     f"{' or '.join(repr(c.format(layer=layer)) for c in candidates)}; the model has fewer blocks, "
+                     "or pass pattern= with its block naming, e.g. 'transformer.h.{layer}.'")
 
 
 def _load_v_head_state(source: str, load_kwargs: dict) -> dict:

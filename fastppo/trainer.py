@@ -49,7 +49,10 @@ class PPOTrainer:
         dataset: optional torch Dataset; `trainer.dataloader` then yields `batch_size` items.
         optimizer: default `torch.optim.Adam(trainable params, lr=config.learning_rate)`.
         data_collator: collate function of the dataloader.
-        num_shared_layers: not supported (must be None).
+        num_shared_layers: with `ref_model=None`, freeze the policy's embeddings and first
+            `num_shared_layers` blocks and share them with the reference instead of copying
+            them (TRL's math; see `create_reference_model`). Ignored, with a warning, when
+            a `ref_model` is given or the model is a PEFT model.
         lr_scheduler: optional, stepped once per `step`.
     """
 
@@ -86,8 +89,11 @@ class PPOTrainer:
         self.head_mode = heads.head_mode(config)
         if self.head_mode != "full":
             heads.check_plain_lm_head(model)
+        if num_shared_layers is not None and (ref_model is not None or self.is_peft_model):
+            warnings.warn("num_shared_layers is ignored: " + ("a ref_model was given" if ref_model is not None
+                          else "a PEFT model's reference is its base with the adapter disabled, nothing is copied"))
         if ref_model is None and not self.is_peft_model:
-            ref_model = create_reference_model(model)
+            ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             disable_dropout(model)  # the training forward then runs in train mode (see _train_minibatch)
@@ -493,5 +499,6 @@ def _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if lr_scheduler is not None and not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
         raise TypeError(f"lr_scheduler must be a torch LRScheduler or None, got {type(lr_scheduler).__name__}")
-    if num_shared_layers is not None:
-        raise ValueError("num_shared_layers is not supported: the reference model is a full frozen copy")
+    if num_shared_layers is not None and (isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int)
+                                          or num_shared_layers < 1):
+        raise ValueError(f"num_shared_layers must be a positive int or None, got {num_shared_layers!r}")

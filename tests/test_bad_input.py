@@ -129,7 +129,8 @@ def test_tokenizer_without_pad_token(gpt2_dir, tokenizer):
     ("ref_model", dict(ref_model=torch.nn.Linear(2, 2)), TypeError, "ref_model must be"),
     ("tokenizer", dict(tokenizer="gpt2"), TypeError, "tokenizer must be a transformers tokenizer"),
     ("optimizer", dict(optimizer="adam"), TypeError, "optimizer must be"),
-    ("num_shared_layers", dict(num_shared_layers=2), ValueError, "num_shared_layers"),
+    ("num_shared_layers", dict(num_shared_layers=0), ValueError, "num_shared_layers must be a positive int"),
+    ("num_shared_layers", dict(num_shared_layers=2), ValueError, "num_shared_layers=2: no parameter name"),
 ])
 def test_bad_constructor_arguments(gpt2_dir, tokenizer, argument, kwargs, error, message):
     args = dict(config=PPOConfig(batch_size=2, mini_batch_size=2),

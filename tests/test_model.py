@@ -147,6 +147,35 @@ def test_create_reference_model_is_a_frozen_copy(gpt2_dir):
     assert not torch.equal(next(model.parameters()), next(ref.parameters()))
 
 
+@pytest.mark.parametrize("arch, block", [("gpt2", "transformer.h.1."), ("llama", "model.layers.1.")])
+def test_shared_layers_are_one_tensor_frozen_in_both(model_dirs, arch, block):
+    """num_shared_layers=1: embeddings and block 0 (and what is tied to them) are the policy's own
+    frozen tensors in the reference, not copies; the rest is copied as usual."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dirs[arch])
+    names = [name for name, _ in model.named_parameters()]
+    first_unshared = next(i for i, name in enumerate(names) if block in name)
+    ref = create_reference_model(model, num_shared_layers=1)
+    policy_params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    for index, name in enumerate(names):
+        shared = index < first_unshared
+        assert (policy_params[name] is ref_params[name]) == shared, name
+        assert policy_params[name].requires_grad != shared and not ref_params[name].requires_grad, name
+    assert any("embed" in name or "wte" in name for name in names[:first_unshared])
+    if arch == "gpt2":  # tied to the shared embedding: frozen with it
+        assert not model.lm_head.weight.requires_grad and model.lm_head.weight is ref.lm_head.weight
+    same = create_reference_model(AutoModelForCausalLMWithValueHead.from_pretrained(model_dirs[arch]),
+                                  num_shared_layers=1, pattern=block.replace("1", "{layer}"))
+    assert sum(not p.requires_grad for p in same.parameters()) == len(names)
+
+
+def test_shared_layers_need_a_block_to_stop_at(gpt2_dir):
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    for layers, pattern in ((2, None), (1, "decoder.block.{layer}.")):  # 2 blocks: none after them
+        with pytest.raises(ValueError, match=f"num_shared_layers={layers}: no parameter name"):
+            create_reference_model(model, num_shared_layers=layers, pattern=pattern)
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen on the way
+
+
 def test_model_without_lm_head_is_rejected(gpt2_dir):
     from transformers import AutoModel
 

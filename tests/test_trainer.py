@@ -303,3 +303,28 @@ def test_optimize_device_cache_clears_after_each_pass(gpt2_dir, tokenizer, monke
     assert len(calls) == 2 + 2  # two rollout chunks, two mini-batches
     make_trainer(gpt2_dir, tokenizer, ppo_epochs=1).step(*make_batch(tokenizer, 4))
     assert len(calls) == 4  # off by default
+
+
+def test_num_shared_layers_trains_only_the_unshared_part(gpt2_dir, tokenizer):
+    """The trainer's reference shares the frozen layers; the optimizer sees only the rest; a step
+    moves the rest and leaves the shared tensors (used by both models) as they were."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-2), model, None, tokenizer,
+                         num_shared_layers=1)
+    shared = [p for p in model.parameters() if not p.requires_grad]
+    ref_ids = {id(p) for p in trainer.ref_model.parameters()}
+    assert shared and all(id(p) in ref_ids for p in shared)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.step(*make_batch(tokenizer, 4))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == (not p.requires_grad), name
+
+
+def test_num_shared_layers_is_ignored_with_a_given_reference(gpt2_dir, tokenizer):
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    with pytest.warns(UserWarning, match="num_shared_layers is ignored: a ref_model was given"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), model, ref_model, tokenizer, num_shared_layers=1)
+    assert all(p.requires_grad for p in model.parameters())

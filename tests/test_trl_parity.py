@@ -33,7 +33,10 @@ CASES = {
     "early_stop": "early_stop",
     "ratio_skip": "ratio_skip",
     "response_masks": "response_masks",
+    "shared_layers": "shared_layers",
 }
+# PPOTrainer arguments beyond the config (ref_model=None then: the trainer builds the reference)
+TRAINER_KWARGS = {"shared_layers": dict(num_shared_layers=1)}
 ARRAY_STATS = ("objective/kl_dist", "objective/logprobs", "objective/ref_logprobs",
                "tokens/queries_dist", "tokens/responses_dist")
 
@@ -50,9 +53,11 @@ def one_thread():
 def _run(case: str, backend: str = "torch"):
     tokenizer = AutoTokenizer.from_pretrained(DATA / "tokenizer")
     model = AutoModelForCausalLMWithValueHead.from_pretrained(DATA / "init", attn_implementation="eager")
-    ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(DATA / "init", attn_implementation="eager")
+    trainer_kwargs = TRAINER_KWARGS.get(case, {})
+    ref_model = None if trainer_kwargs else AutoModelForCausalLMWithValueHead.from_pretrained(
+        DATA / "init", attn_implementation="eager")
     config = PPOConfig(**json.loads((DATA / case / "config.json").read_text()), backend=backend)
-    trainer = PPOTrainer(config, model, ref_model, tokenizer)
+    trainer = PPOTrainer(config, model, ref_model, tokenizer, **trainer_kwargs)
     steps = torch.load(DATA / case / "inputs.pt")["steps"]
     results = []
     for inputs in steps:

@@ -79,6 +79,9 @@ CASES = {
     "response_masks": (dict(BASE), 1, {"response_masks": True}),
     # scores shifted by +2 so the reward mean is far from 0 and TRL's pad-position leak is clearly visible
     "whiten_rewards": (dict(BASE, whiten_rewards=True), 1, {"score_offset": 2.0}),
+    # ref_model=None, num_shared_layers=1: TRL freezes the policy's embeddings and first block
+    # (the tied LM head with them) and copies the model as the reference
+    "shared_layers": (dict(BASE), 2, {"num_shared_layers": 1}),
 }
 
 
@@ -208,12 +211,13 @@ def run_case(name):
     tokenizer = AutoTokenizer.from_pretrained(TOK_DIR)
     assert tokenizer.padding_side == "right" and tokenizer.pad_token_id == 0
     model = AutoModelForCausalLMWithValueHead.from_pretrained(INIT_DIR, attn_implementation="eager")
-    ref = AutoModelForCausalLMWithValueHead.from_pretrained(INIT_DIR, attn_implementation="eager")
+    shared = data_opts.get("num_shared_layers")
+    ref = None if shared else AutoModelForCausalLMWithValueHead.from_pretrained(INIT_DIR, attn_implementation="eager")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = PPOConfig(**cfg_kwargs)
-        trainer = PPOTrainer(config=config, model=model, ref_model=ref, tokenizer=tokenizer)
+        trainer = PPOTrainer(config=config, model=model, ref_model=ref, tokenizer=tokenizer, num_shared_layers=shared)
 
     notes = []
     # ---- instrumentation (observes only; does not change TRL's math) ----
