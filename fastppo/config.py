@@ -49,7 +49,7 @@ class PPOConfig:
     tracker_project_name: str = "trl"
     """Project name the trackers log under."""
     push_to_hub_if_best_kwargs: dict = field(default_factory=dict)
-    """Accepted for TRL compatibility; not used (push explicitly with `model.push_to_hub`)."""
+    """`push_to_hub` kwargs (`repo_id` required): push policy and tokenizer when a step's mean score beats all before."""
     steps: int = 20000
     """Number of training samples planned (tracking only, as in TRL)."""
     learning_rate: float = 1.41e-5
@@ -97,7 +97,7 @@ class PPOConfig:
     target_kl: float = 1.0
     """Policy KL threshold of early stopping."""
     compare_steps: int = 1
-    """Accepted for TRL compatibility; not used."""
+    """Check for a best mean score (`push_to_hub_if_best_kwargs`) every this many steps."""
     ratio_threshold: float = 10.0
     """Zero a mini-batch's loss when its mean ratio exceeds this (TRL's loss-spike guard)."""
     use_score_scaling: bool = False
@@ -141,7 +141,7 @@ class PPOConfig:
         self.total_ppo_epochs = int(math.ceil(self.steps / self.batch_size))
 
     def _validate(self) -> None:
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "compare_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
@@ -152,6 +152,8 @@ class PPOConfig:
                 f"got batch_size={self.batch_size}, mini_batch_size={self.mini_batch_size}, "
                 f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
             )
+        if self.push_to_hub_if_best_kwargs and "repo_id" not in self.push_to_hub_if_best_kwargs:
+            raise ValueError("PPOConfig.push_to_hub_if_best_kwargs must name the repository: add 'repo_id'")
         if self.kl_penalty not in KL_PENALTIES:
             raise ValueError(f"PPOConfig.kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
         if self.backend not in BACKENDS:

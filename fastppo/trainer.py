@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 import warnings
@@ -120,6 +121,7 @@ class PPOTrainer:
         )
         self.running = RunningMoments()
         self.current_step = 0
+        self.highest_reward, self._compare_step = -math.inf, 0  # push_to_hub_if_best_kwargs
         self.accelerator.init_trackers(
             config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
         )
@@ -237,6 +239,7 @@ class PPOTrainer:
         timing = {}
         start = time.time()
         scores = self._prepare_scores(batch.scores)
+        self._push_if_best(scores)
 
         t = time.time()
         input_ids, attention_mask, mask = self._pad_batch(batch.queries, batch.responses, batch.response_masks)
@@ -288,6 +291,25 @@ class PPOTrainer:
         if self.config.score_clip is not None:
             scores = torch.clamp(scores, -self.config.score_clip, self.config.score_clip)
         return scores
+
+    def _push_if_best(self, scores: torch.Tensor) -> None:
+        """TRL's `push_to_hub_if_best_kwargs`: every `compare_steps` steps, push the policy that produced
+        these responses when their mean (prepared) score beats every one compared before."""
+        if not self.config.push_to_hub_if_best_kwargs:
+            return
+        if self._compare_step % self.config.compare_steps == 0:
+            mean_score = float(scores.float().mean())
+            if mean_score > self.highest_reward:
+                self.highest_reward = mean_score
+                self.push_to_hub(**self.config.push_to_hub_if_best_kwargs)
+        self._compare_step += 1
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> None:
+        """Push the policy (value head included) and the tokenizer to the hub repository `repo_id`
+        (main process only; kwargs go to transformers' `push_to_hub`)."""
+        if self.accelerator.is_main_process:
+            self.unwrapped_model.push_to_hub(repo_id, **kwargs)
+            self.tokenizer.push_to_hub(repo_id, **kwargs)
 
     def _pad_batch(self, queries, responses, response_masks):
         """Right-padded `input_ids`/`attention_mask` `[B, L]` and the response-token mask `[B, L-1]`.
@@ -468,7 +490,8 @@ class PPOTrainer:
         self.accelerator.save_state(output_dir)
         if self.accelerator.is_main_process:
             state = {"kl_coef": self.kl_ctl.value, "running": self.running.state_dict(),
-                     "current_step": self.current_step}
+                     "current_step": self.current_step, "highest_reward": self.highest_reward,
+                     "compare_step": self._compare_step}
             with open(os.path.join(output_dir, "fastppo_trainer_state.json"), "w") as handle:
                 json.dump(state, handle, indent=2)
 
@@ -480,6 +503,8 @@ class PPOTrainer:
         self.kl_ctl.value = float(state["kl_coef"])
         self.running.load_state_dict(state["running"])
         self.current_step = int(state["current_step"])
+        self.highest_reward = float(state.get("highest_reward", -math.inf))
+        self._compare_step = int(state.get("compare_step", 0))
 
 
 def _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler) -> None:
