@@ -8,10 +8,12 @@ whose step fits in device memory, per backend — doubling from SEARCH_START unt
 out-of-memory, then bisecting to within 1/8. On CPU both are tiny smokes: the triton backend
 runs under the interpreter (smoke mode only) and host memory is not the limit that matters.
 
-The GPU model is logits-heavy on purpose (Qwen2-sized vocabulary, small body): that is where
-the two backends differ — the reference upcasts [B, T, V] logits to float32 and keeps
-log-softmax and softmax copies for backward; the kernels read the bf16 logits in place.
-DESIGN.md §6's bar is for a 0.5B model at 2k-token responses (≥ 2× step, ≥ 4× longest fit).
+The GPU model has Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads over 2 key-value heads,
+MLP 4864, vocabulary 151936, tied embeddings: 494 M parameters), built from a config with
+random weights: DESIGN.md §6's bar is for a 0.5B model at 2k-token responses (≥ 2× step, ≥ 4×
+longest fit). Its vocabulary is where the backends differ: the reference upcasts [B, T, V]
+logits to float32 and keeps log-softmax and softmax copies for backward; the kernels read the
+bf16 logits in place, and the fused variant never makes them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ VARIANTS = {  # name → PPOConfig switches
     "triton-fused": dict(backend="triton", fused_lm_head=True),
 }
 SETTINGS = {
-    "gpu": dict(hidden=512, layers=4, heads=8, intermediate=1408, vocab=151936, dtype=torch.bfloat16,
+    "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, dtype=torch.bfloat16,
                 batch_size=4, mini_batch_size=2, query_length=32, lengths=[512, 2048, 8192], rounds=3,
                 search_start=4096, search_limit=1 << 17),
     "cpu": dict(hidden=64, layers=2, heads=2, intermediate=128, vocab=2048, dtype=torch.float32,
@@ -80,7 +82,8 @@ def _build_trainer(settings: dict, backend: str, max_length: int, device: torch.
     config = LlamaConfig(
         vocab_size=settings["vocab"], hidden_size=settings["hidden"], intermediate_size=settings["intermediate"],
         num_hidden_layers=settings["layers"], num_attention_heads=settings["heads"],
-        num_key_value_heads=settings["heads"], max_position_embeddings=max_length, tie_word_embeddings=True,
+        num_key_value_heads=settings.get("kv_heads", settings["heads"]), max_position_embeddings=max_length,
+        tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=1, pad_token_id=0, attn_implementation="sdpa",
     )
     with torch.device(device):

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_session.sh tokens    # bench/: full_kl, kl_reward, gae, ppo_loss → results-tokens.json
 #   bash scripts/gpu_session.sh linear    # bench/: linear_logprobs         → bench/results-linear.json
 #   bash scripts/gpu_session.sh step      # bench/: PPOTrainer.step rows    → bench/results-step.json
+#   bash scripts/gpu_session.sh longest   # bench/: longest response that fits → results-longest.json
 #   bash scripts/gpu_session.sh report    # RESULTS.md + results.png from every results-*.json
 #
 # Extra arguments go to pytest (e.g. `-k "bf16"` to split a slice that outgrows its 10 minutes:
@@ -49,23 +50,24 @@ case $slice in
             tests/test_head_paths.py tests/test_backends.py "$@" 2>&1 | tee -a "$log"
         status=$((status | PIPESTATUS[0]))
         ;;
-    logprobs | tokens | linear | step)
+    logprobs | tokens | linear | step | longest)
         case $slice in
             logprobs) select="bench_logprobs" ;;
             tokens) select="full_kl or kl_reward or gae or ppo_loss" ;;
             linear) select="linear_logprobs" ;;
-            step) select="bench_step" ;;
+            step) select="bench_step and not longest" ;;
+            longest) select="bench_step_longest" ;;
         esac
         PYTHON=$python bash bench/run.sh --part "$slice" -k "$select" "$@" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
         ;;
     report)
         "$python" bench/report.py bench/results-*.json --out bench \
-            --command "bash scripts/gpu_session.sh logprobs|tokens|linear|step, then report" 2>&1 | tee "$log"
+            --command "bash scripts/gpu_session.sh logprobs|tokens|linear|step|longest, then report" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
         ;;
     *)
-        echo "unknown slice '$slice': tests, logprobs, tokens, linear, step or report" >&2
+        echo "unknown slice '$slice': tests, logprobs, tokens, linear, step, longest or report" >&2
         exit 2
         ;;
 esac

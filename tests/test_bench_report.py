@@ -101,7 +101,7 @@ def step_row(provider, response_length, ms, peak):
     info = dict(op="step", provider=provider, dims="BT", shape=[4, 32 + response_length],
                 shape_id=f"B4xQ32xR{response_length}", dtype="bf16", seq_len=response_length, device="cuda:0",
                 mode="gpu", tokens_per_step=tokens, ppo_epochs=1,
-                model=dict(hidden=512, layers=4, heads=8, vocab=151936), parameters=90_000_000, warmup_s=2.0,
+                model=dict(hidden=896, layers=24, heads=14, vocab=151936), parameters=494_032_768, warmup_s=2.0,
                 peak_bytes=peak, peak_kind="cuda_max_allocated_total", median_ms=ms,
                 tokens_per_s=tokens / (ms / 1e3), timer="host_rounds", rounds=3)
     return pytest_benchmark_entry("step", f"{provider}-{response_length}", info)
@@ -230,15 +230,15 @@ def test_gpu_report_from_two_parts(bench, tmp_path):
         measured, met = expected[(op, metric)]
         assert f"| {op} | {shape} | {dtype} | {bar} | {measured} | {met} |" in bars, (op, metric)
     for line in (  # tokens/s at response 2048: 8320 tokens / 0.8, 0.32, 0.5 s; longest 6144, 24576, 131072
-            "| step, triton (bench model, not 0.5B) | response 2048 | — | ≥ 2× torch | 2.5 | yes |",
-            "| step, triton-fused (bench model, not 0.5B) | response 2048 | — | ≥ 2× torch | 1.6 | **no** |",
-            "| longest step, triton (bench model) | — | — | longest fit ≥ 4× torch | 4 | yes |",
-            "| longest step, triton-fused (bench model) | — | — | longest fit ≥ 4× torch | 21.3 | yes |"):
+            "| step, triton (0.49 B-parameter model) | response 2048 | — | ≥ 2× torch | 2.5 | yes |",
+            "| step, triton-fused (0.49 B-parameter model) | response 2048 | — | ≥ 2× torch | 1.6 | **no** |",
+            "| longest step, triton (0.49 B-parameter model) | — | — | longest fit ≥ 4× torch | 4 | yes |",
+            "| longest step, triton-fused (0.49 B-parameter model) | — | — | longest fit ≥ 4× torch | 21.3 | yes |"):
         assert line in bars, line
     assert bars.count("\n| ") == 1 + len(report.BARS) + 4  # header + bars + step rows
 
     # step tables
-    assert "batch 4, 1 PPO epoch(s)" in text and "90 M parameters" in text
+    assert "batch 4, 1 PPO epoch(s)" in text and "494 M parameters" in text
     assert "| B4xQ32xR2048 | torch | 800 | 10,400 | 1 | 20,480 |" in text
     assert "| B4xQ32xR2048 | triton | 320 | 26,000 | 2.5 | 8,192 |" in text
     assert "| B4xQ32xR2048 | triton-fused | 500 | 16,640 | 1.6 | 4,096 |" in text
