@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh linear    # bench/: linear_logprobs         → bench/results-linear.json
 #   bash scripts/gpu_session.sh step      # bench/: PPOTrainer.step rows    → bench/results-step.json
 #   bash scripts/gpu_session.sh longest   # bench/: longest response that fits → results-longest.json
+#   bash scripts/gpu_session.sh sweep     # bench/sweep.py: launch knobs of every kernel, checked and timed
 #   bash scripts/gpu_session.sh report    # RESULTS.md + results.png from every results-*.json
 #
 # Extra arguments go to pytest (e.g. `-k "bf16"` to split a slice that outgrows its 10 minutes:
@@ -61,13 +62,18 @@ case $slice in
         PYTHON=$python bash bench/run.sh --part "$slice" -k "$select" "$@" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
         ;;
+    sweep)
+        "$python" bench/sweep.py --out bench/sweep.json "$@" 2>&1 | tee "$log"
+        status=${PIPESTATUS[0]}
+        [ -n "$out" ] && cp bench/sweep.json "$out"/
+        ;;
     report)
         "$python" bench/report.py bench/results-*.json --out bench \
             --command "bash scripts/gpu_session.sh logprobs|tokens|linear|step|longest, then report" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
         ;;
     *)
-        echo "unknown slice '$slice': tests, logprobs, tokens, linear, step, longest or report" >&2
+        echo "unknown slice '$slice': tests, logprobs, tokens, linear, step, longest, sweep or report" >&2
         exit 2
         ;;
 esac
