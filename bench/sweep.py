@@ -93,6 +93,12 @@ def close(got, expected, rtol, atol) -> bool:
     return bool(torch.isfinite(got).all()) and torch.allclose(got, expected, rtol=rtol, atol=atol)
 
 
+def near(got, exact, bound: float) -> bool:
+    """‖got − exact‖ / ‖exact‖ ≤ bound (exact: float32 math), and nothing NaN or infinite."""
+    got, exact = got.float(), exact.float()
+    return bool(torch.isfinite(got).all()) and float((got - exact).norm() / exact.norm()) <= bound
+
+
 # --------------------------------------------------------------------------- one op: (check, time, bytes)
 
 
@@ -193,12 +199,13 @@ def linear_case(shape, device):
         return torch.autograd.grad(logp, (hidden, weight), grad_out)
 
     def check():
-        rows = slice(0, min(n_tokens, 64))  # grad of hidden rows: exact per row; of weight: summed over all N
+        # the hidden gradient of some rows against float32 math on those rows (bf16 inputs: ~4e-3 apart)
+        rows = slice(0, min(n_tokens, 64))
         got = run()
-        small = hidden[rows].detach().clone().requires_grad_()
-        logp = ops.linear_logprobs(small, weight, labels[rows], backend="torch")
-        (expected,) = torch.autograd.grad(logp, small, grad_out[rows])
-        return close(got[0][rows], expected, 2e-2, 1e-3) and bool(torch.isfinite(got[1]).all())
+        small = hidden[rows].detach().float().requires_grad_()
+        logp = ops.linear_logprobs(small, weight.detach().float(), labels[rows], backend="torch")
+        (exact,) = torch.autograd.grad(logp, small, grad_out[rows])
+        return near(got[0][rows], exact, 1e-2) and bool(torch.isfinite(got[1]).all())
 
     return check, run, 8 * n_tokens * n_hidden * vocab
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Without a GPU the kernels run under the Triton interpreter, which triton reads when it is
 # first imported (fastppo imports it through transformers/torch._dynamo): set it first.
@@ -110,3 +111,21 @@ def make_batch(tokenizer, batch_size: int, seed: int = 0, max_query: int = 6, ma
         responses.append(torch.randint(2, vocab, (r_len,), generator=generator))
         scores.append(torch.randn((), generator=generator))
     return queries, responses, scores
+
+
+@pytest.fixture()
+def bench():
+    """`import_module` with bench/ on sys.path, as pytest imports the benchmark suite; bench's modules
+    are forgotten afterwards (they are plain top-level names: harness, machine, report, ...)."""
+    import importlib
+    from pathlib import Path
+
+    folder = Path(__file__).parent.parent / "bench"
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(folder))
+        for path in folder.glob("*.py"):
+            if path.stem != "conftest":  # this file goes by that name too
+                sys.modules.pop(path.stem, None)

@@ -6,10 +6,7 @@ binds its arguments to the installed triton's real signature, so a call the real
 refuse fails here too; the fake allocator counters and device properties give known numbers.
 """
 
-import importlib
 import inspect
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,19 +14,12 @@ import torch
 
 triton_testing = pytest.importorskip("triton.testing")
 
-BENCH = Path(__file__).parent.parent / "bench"
 MEDIAN_MS, Q1_MS, Q3_MS = 2.0, 1.5, 2.5
 
 
 @pytest.fixture()
-def bench_modules():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("harness"), importlib.import_module("machine")
-    finally:
-        sys.path.remove(str(BENCH))
-        for name in ("harness", "machine"):
-            sys.modules.pop(name, None)
+def bench_modules(bench):
+    return bench("harness"), bench("machine")
 
 
 @pytest.fixture()

@@ -7,35 +7,18 @@ bench/machine.py + bench/conftest.py do), split in two parts as `bench/run.sh --
 it, with numbers chosen so every value in the report can be worked out by hand.
 """
 
-import importlib
 import inspect
 import json
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-BENCH = Path(__file__).parent.parent / "bench"
 MODULE_OF_OP = {
     "logprobs_fwd": "bench_logprobs", "logprobs_fwd_bwd": "bench_logprobs", "full_kl": "bench_full_kl",
     "kl_reward": "bench_kl_reward", "gae": "bench_gae", "ppo_loss_fwd_bwd": "bench_ppo_loss",
     "linear_logprobs": "bench_linear_logprobs",
 }
 COPY_GBPS, MATMUL_TFLOPS = 2500.0, 625.0
-
-
-@pytest.fixture()
-def bench():
-    """`import_module` with bench/ on sys.path, as pytest imports the suite; bench's modules are forgotten after."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(BENCH))
-        for path in BENCH.glob("*.py"):
-            if path.stem != "conftest":  # tests/conftest.py goes by that name too
-                sys.modules.pop(path.stem, None)
 
 
 def test_bars_name_shapes_and_groups_the_gpu_suite_runs(bench):

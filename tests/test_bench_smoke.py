@@ -25,15 +25,8 @@ TITLES = ("logprobs_from_logits — forward", "logprobs_from_logits — forward 
 
 
 @pytest.fixture()
-def bench_modules():
-    """bench/harness.py and bench/bench_step.py, imported the way pytest imports them (bench/ on sys.path)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("harness"), importlib.import_module("bench_step")
-    finally:
-        sys.path.remove(str(BENCH))
-        for name in ("harness", "machine", "bench_step"):
-            sys.modules.pop(name, None)
+def bench_modules(bench):
+    return bench("harness"), bench("bench_step")
 
 
 def test_bench_suite_runs_in_smoke_mode_and_writes_the_report(tmp_path):

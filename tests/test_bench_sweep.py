@@ -16,18 +16,13 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).parent.parent
 
 
-def test_sweep_checks_every_configuration(tmp_path):
+def test_sweep_checks_every_configuration(tmp_path, bench):
     out = tmp_path / "sweep.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--out", str(out)],
                             capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import sweep
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-        sys.modules.pop("sweep", None)
+    sweep = bench("sweep")
     expected = {"logprobs_fwd": sweep.VOCAB_CONFIGS, "logprobs_fwd_bwd": sweep.VOCAB_CONFIGS,
                 "full_kl": sweep.VOCAB_CONFIGS, "kl_reward": sweep.TOKEN_CONFIGS, "gae": sweep.TOKEN_CONFIGS,
                 "masked_whiten": sweep.TOKEN_CONFIGS, "ppo_loss_fwd_bwd": sweep.TOKEN_CONFIGS,
