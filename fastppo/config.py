@@ -39,7 +39,7 @@ class PPOConfig:
     reward_model: str = "sentiment-analysis:lvwerra/distilbert-imdb"
     """Reward model name (tracking only)."""
     remove_unused_columns: bool = True
-    """Accepted for TRL compatibility; fastppo's dataloader passes dataset items through unchanged."""
+    """Drop a `datasets.Dataset`'s columns the model's forward does not take (label/query/response stay)."""
     tracker_kwargs: dict = field(default_factory=dict)
     """Keyword arguments for the tracker's init (`Accelerator.init_trackers(init_kwargs=...)`)."""
     accelerator_kwargs: dict = field(default_factory=dict)

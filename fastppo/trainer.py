@@ -9,6 +9,7 @@ through `fastppo.ops`, which picks the Triton kernels or the PyTorch reference.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -103,9 +104,7 @@ class PPOTrainer:
         self.dataset = dataset
         dataloader = None
         if dataset is not None:
-            dataloader = torch.utils.data.DataLoader(
-                dataset, batch_size=config.batch_size, collate_fn=data_collator, shuffle=True, drop_last=True
-            )
+            dataloader = self.prepare_dataloader(dataset, data_collator, model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.dataloader = self.accelerator.prepare(dataloader) if dataloader is not None else None
         self.lr_scheduler = self.accelerator.prepare(lr_scheduler) if lr_scheduler is not None else None
@@ -127,6 +126,21 @@ class PPOTrainer:
         )
 
     # ------------------------------------------------------------------ helpers
+
+    def prepare_dataloader(self, dataset, data_collator: Optional[Callable] = None, model=None):
+        """A shuffled DataLoader of `config.batch_size` items (last partial batch dropped), as TRL's.
+
+        A Hugging Face `datasets.Dataset` first loses the columns that neither the model's
+        forward takes nor "label", "query" or "response" name, when `config.remove_unused_columns`.
+        """
+        if self.config.remove_unused_columns and hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns"):
+            forward = (model if model is not None else self.unwrapped_model).forward
+            keep = set(inspect.signature(forward).parameters) | {"label", "query", "response"}
+            unused = [name for name in dataset.column_names if name not in keep]
+            if unused:
+                dataset = dataset.remove_columns(unused)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.config.batch_size, collate_fn=data_collator,
+                                           shuffle=True, drop_last=True)
 
     @property
     def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:

@@ -358,3 +358,38 @@ def test_push_to_hub_if_best(gpt2_dir, tokenizer, monkeypatch, tmp_path, compare
 def test_push_to_hub_if_best_needs_a_repo_id():
     with pytest.raises(ValueError, match="push_to_hub_if_best_kwargs must name the repository"):
         PPOConfig(push_to_hub_if_best_kwargs={"private": True})
+
+
+class ColumnDataset(torch.utils.data.Dataset):
+    """What the dataloader uses of a Hugging Face `datasets.Dataset`: rows, column_names, remove_columns."""
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+
+    @property
+    def column_names(self):
+        return list(self.columns)
+
+    def remove_columns(self, names):
+        return ColumnDataset({k: v for k, v in self.columns.items() if k not in names})
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, index):
+        return {k: v[index] for k, v in self.columns.items()}
+
+
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_dataloader_drops_columns_the_model_does_not_take(gpt2_dir, tokenizer, remove_unused_columns):
+    """TRL's rule for a `datasets.Dataset`: keep the model forward's arguments and label/query/response."""
+    data = ColumnDataset({"input_ids": [torch.tensor([i + 2, i + 3]) for i in range(8)],
+                          "query": [f"q{i}" for i in range(8)], "review": [f"text {i}" for i in range(8)],
+                          "label": list(range(8))})
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, remove_unused_columns=remove_unused_columns),
+                         model, None, tokenizer, dataset=data,
+                         data_collator=lambda rows: {key: [row[key] for row in rows] for key in rows[0]})
+    batch = next(iter(trainer.dataloader))
+    expected = {"input_ids", "query", "label"} | ({"review"} if not remove_unused_columns else set())
+    assert set(batch) == expected and len(batch["query"]) == 4
