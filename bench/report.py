@@ -107,7 +107,8 @@ def header(machine, commit, when, benchmarks) -> list:
     lines = ["# fastppo benchmark results", ""]
     if machine.get("device_type") == "cpu":
         lines += ["> **CPU run — these numbers come from a CPU and are not comparable with GPU numbers.** "
-                  "GPU figures are pending a GPU session (`bash bench/run.sh` on a CUDA machine).", ""]
+                  "GPU figures are pending a GPU session (`bash scripts/gpu_session.sh` slices on a CUDA machine, or "
+                  "`bash bench/run.sh` there).", ""]
     if mode == "smoke":
         lines += ["> **Smoke run: tiny shapes, one round. It proves the suite runs; its numbers mean nothing.**",
                   ""]
