@@ -22,9 +22,12 @@ if [ "${1:-}" = "--part" ]; then
     shift 2
 fi
 json="$out/results${part:+-$part}.json"
-rm -f "$json"
-"$python" -m pytest bench --benchmark-json "$json" "$@"
+# Written beside the committed JSON and moved over it at the end: the tracked files stay untouched
+# while pytest-benchmark records the commit, so a clean checkout is not reported as dirty.
+rm -f "$json.partial"
+"$python" -m pytest bench --benchmark-json "$json.partial" "$@"
 status=$?
+[ -f "$json.partial" ] && mv "$json.partial" "$json"
 if [ -f "$json" ]; then
     if [ -n "$part" ]; then reports=("$out"/results-*.json); else reports=("$json"); fi
     "$python" bench/report.py "${reports[@]}" --out "$out" || status=$?
