@@ -27,8 +27,8 @@ json="$out/results${part:+-$part}.json"
 rm -f "$json.partial"
 "$python" -m pytest bench --benchmark-json "$json.partial" "$@"
 status=$?
-[ -f "$json.partial" ] && mv "$json.partial" "$json"
-if [ -f "$json" ]; then
+if [ -f "$json.partial" ]; then  # no new JSON (pytest failed to start): no report from an old one
+    mv "$json.partial" "$json"
     if [ -n "$part" ]; then reports=("$out"/results-*.json); else reports=("$json"); fi
     "$python" bench/report.py "${reports[@]}" --out "$out" || status=$?
 fi
