@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
@@ -95,6 +95,10 @@ class PPOTrainer:
             warnings.warn("num_shared_layers is ignored: " + ("a ref_model was given" if ref_model is not None
                           else "a PEFT model's reference is its base with the adapter disabled, nothing is copied"))
         if ref_model is None and not self.is_peft_model:
+            if num_shared_layers is not None and self.accelerator.distributed_type in (DistributedType.FSDP,
+                                                                                      DistributedType.DEEPSPEED):
+                raise ValueError(f"num_shared_layers: {self.accelerator.distributed_type.value} shards the policy "
+                                 "and the reference separately, so they cannot share tensors; leave it None there")
             ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

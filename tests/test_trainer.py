@@ -393,3 +393,14 @@ def test_dataloader_drops_columns_the_model_does_not_take(gpt2_dir, tokenizer, r
     batch = next(iter(trainer.dataloader))
     expected = {"input_ids", "query", "label"} | ({"review"} if not remove_unused_columns else set())
     assert set(batch) == expected and len(batch["query"]) == 4
+
+
+def test_num_shared_layers_refused_where_policy_and_reference_are_sharded_apart(gpt2_dir, tokenizer, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    with pytest.raises(ValueError, match="num_shared_layers: FSDP shards"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), model, None, tokenizer, num_shared_layers=1)
+    assert all(p.requires_grad for p in model.parameters())
