@@ -100,6 +100,8 @@ class PPOConfig:
     """Check for a best mean score (`push_to_hub_if_best_kwargs`) every this many steps."""
     ratio_threshold: float = 10.0
     """Zero a mini-batch's loss when its mean ratio exceeds this (TRL's loss-spike guard)."""
+    dual_clip: Optional[float] = None
+    """Dual-clip PPO: bound negative-advantage tokens' policy loss at −A·dual_clip (> 1, e.g. 3.0); None = TRL."""
     use_score_scaling: bool = False
     """Divide scores by their running standard deviation."""
     use_score_norm: bool = False
@@ -171,6 +173,8 @@ class PPOConfig:
         _require(self, "ratio_threshold", lambda v: v > 0, "a positive number")
         if self.max_grad_norm is not None:
             _require(self, "max_grad_norm", lambda v: v > 0, "a positive number or None")
+        if self.dual_clip is not None:
+            _require(self, "dual_clip", lambda v: v > 1, "a number > 1 or None")
         if self.score_clip is not None:
             _require(self, "score_clip", lambda v: v > 0, "a positive number or None")
         if self.rollout_batch_size is not None and (

@@ -249,18 +249,23 @@ def ppo_loss(
     cliprange_value: float,
     vf_coef: float,
     backend: Optional[str] = None,
+    dual_clip: Optional[float] = None,
 ) -> PPOLossOutput:
     """Clipped policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
 
     Returns a `PPOLossOutput` (losses with gradient w.r.t. logprobs and values, plus the
-    mini-batch statistics). All inputs `[B, T]`, one device.
+    mini-batch statistics). All inputs `[B, T]`, one device. `dual_clip` = c > 1 bounds the
+    loss of negative-advantage tokens at −A·c (dual-clip PPO); None is TRL's loss.
     """
     names = [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("values", values),
              ("old_values", old_values), ("advantages", advantages), ("returns", returns), ("mask", mask)]
     _check_token_tensors(names, floating=tuple(name for name, _ in names[:-1]))
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
     impl = _implementation("ppo_loss", backend, logprobs.device)
     return impl(logprobs, old_logprobs, values, old_values, advantages, returns, mask,
-                float(cliprange), float(cliprange_value), float(vf_coef))
+                float(cliprange), float(cliprange_value), float(vf_coef),
+                dual_clip=float(dual_clip) if dual_clip is not None else None)
 
 
 

@@ -162,6 +162,7 @@ class PPOLossOutput(NamedTuple):
     vpred_mean: torch.Tensor
     value_error: torch.Tensor  # mean (v − returns)²
     ratio: torch.Tensor  # [B, T], detached
+    pg_clipfrac_lower: torch.Tensor  # dual-clip: share of tokens held at −A·dual_clip (0 without it)
 
 
 def ppo_loss(
@@ -175,10 +176,13 @@ def ppo_loss(
     cliprange: float,
     cliprange_value: float,
     vf_coef: float,
+    dual_clip: Optional[float] = None,
 ) -> PPOLossOutput:
     """Clipped PPO policy loss + clipped value loss, masked means over `[B, T]`.
 
-    Gradients flow to `logprobs` and `values`; the other inputs are constants.
+    Gradients flow to `logprobs` and `values`; the other inputs are constants. `dual_clip`
+    = c > 1 (dual-clip PPO, Ye et al. 2020, veRL's clip_ratio_c): where the advantage is
+    negative the token's policy loss is at most −A·c, so a huge ratio cannot blow it up.
     """
     logprobs, values = logprobs.float(), values.float()
     old_logprobs, old_values = old_logprobs.float(), old_values.float()
@@ -194,8 +198,16 @@ def ppo_loss(
     ratio = torch.exp(log_ratio)
     pg_losses_unclipped = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.maximum(pg_losses_unclipped, pg_losses_clipped), mask)
+    pg_losses = torch.maximum(pg_losses_unclipped, pg_losses_clipped)
     pg_clipfrac = masked_mean((pg_losses_clipped > pg_losses_unclipped).float(), mask)
+    held = torch.zeros_like(pg_losses)
+    if dual_clip is not None:
+        pg_losses_lower = -advantages * dual_clip
+        negative = advantages < 0
+        held = (negative & (pg_losses > pg_losses_lower)).float()
+        pg_losses = torch.where(negative, torch.minimum(pg_losses, pg_losses_lower), pg_losses)
+    pg_loss = masked_mean(pg_losses, mask)
+    pg_clipfrac_lower = masked_mean(held, mask)
 
     with torch.no_grad():
         approxkl = 0.5 * masked_mean(log_ratio.square(), mask)
@@ -216,6 +228,7 @@ def ppo_loss(
         vpred_mean=vpred_mean,
         value_error=value_error,
         ratio=ratio.detach(),
+        pg_clipfrac_lower=pg_clipfrac_lower.detach(),
     )
 
 

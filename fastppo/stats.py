@@ -32,6 +32,7 @@ def minibatch_stats(
         "policy/approxkl": out.approxkl,
         "policy/policykl": out.policykl,
         "policy/clipfrac": out.pg_clipfrac,
+        "policy/clipfrac_lower": out.pg_clipfrac_lower,  # dual clip only; 0 without it
         "policy/advantages": torch.nan_to_num(advantages.detach().flatten(), nan=-1.0),
         "policy/advantages_mean": ops.masked_mean(advantages, mask),
         "policy/ratio": out.ratio.flatten(),

@@ -444,7 +444,8 @@ class PPOTrainer:
         self.model.train(config.gradient_checkpointing)
         logprobs, entropy, values, _ = self._forward(self.model, input_ids, attention_mask, mask, return_entropy=True)
         out = ops.ppo_loss(logprobs, old_logprobs, values.float(), old_values, advantages, returns, mask,
-                           config.cliprange, config.cliprange_value, config.vf_coef, backend=self.config.backend)
+                           config.cliprange, config.cliprange_value, config.vf_coef, backend=self.config.backend,
+                           dual_clip=config.dual_clip)
         # TRL's loss-spike guard: zero the loss of a mini-batch whose mean ratio is too high
         # (as a tensor op, so no host sync per mini-batch).
         skip = out.ratio_mean > config.ratio_threshold

@@ -5,6 +5,7 @@ float) and N = Σm:
 
     r   = exp(logp − old_logp)
     pg  = max(−A·r, −A·clamp(r, 1 − ε, 1 + ε))                   pg_loss = Σm·pg / N
+    (dual clip c > 1: pg = min(pg, −A·c) where A < 0; its clip fraction counts those held)
     v_c = clamp(v, v_old − ε_v, v_old + ε_v)
     vf  = max((v − R)², (v_c − R)²)                               vf_loss = ½·Σm·vf / N
     loss = pg_loss + vf_coef·vf_loss
@@ -15,10 +16,10 @@ Backward, with ḡ_pg = (g_pg + g_loss)/N and ḡ_vf = ½(g_vf + vf_coef·g_loss
 torch autograd of the reference term by term: torch.maximum sends the gradient to the larger
 argument and half to each on an exact tie; clamp passes it where lo ≤ x ≤ hi (inclusive):
 
-    d/dlogp = ḡ_pg·m·(w_u·(−A) + w_c·(−A)·[1−ε ≤ r ≤ 1+ε])·r
+    d/dlogp = ḡ_pg·m·(w_u·(−A) + w_c·(−A)·[1−ε ≤ r ≤ 1+ε])·r     (× the min's share, dual clip)
     d/dv    = ḡ_vf·m·(w_u·2(v − R) + w_c·2(v_c − R)·[v_old − ε_v ≤ v ≤ v_old + ε_v])
 
-Launches: forward = 1 kernel writing ratio `[B, T]` and per-program partial sums `[P, 10]`
+Launches: forward = 1 kernel writing ratio `[B, T]` and per-program partial sums `[P, 11]`
 (P ≤ MAX_TOKEN_PARTIALS, grid-stride over tiles) + 1 single-program kernel that reduces them and
 writes loss, pg_loss, vf_loss and the stats (deterministic, no atomics, no host sync).
 Backward = 1 kernel recomputing r from the inputs and writing both gradients.
@@ -31,6 +32,8 @@ bool / int / float. ratio is float32 contiguous; gradients have the dtype of the
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -42,9 +45,10 @@ from . import _launch
 from ._launch import check_column_offsets, device_guard, token_tiles
 
 # Partial-sum columns, each a masked sum Σm·(...): 0 pg, 1 vf, 2 [pg clipped], 3 [vf clipped],
-# 4 log_ratio², 5 −log_ratio, 6 ratio, 7 v, 8 (v − R)², 9 m. Columns 2..8 become the 7 stats.
-N_PARTIALS_COLS = 10
-N_STATS = 7  # pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error
+# 4 log_ratio², 5 −log_ratio, 6 ratio, 7 v, 8 (v − R)², 9 m, 10 [held at −A·c by the dual clip].
+# Columns 2..8 and 10 become the 8 stats.
+N_PARTIALS_COLS = 11
+N_STATS = 8  # pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error, pg_clipfrac_lower
 _INPUT_NAMES = ("logprobs", "old_logprobs", "values", "old_values", "advantages", "returns", "mask")
 
 
@@ -58,10 +62,11 @@ def _ppo_loss_fwd_kernel(
     logp_ptr, old_logp_ptr, v_ptr, old_v_ptr, adv_ptr, ret_ptr,  # [B, T] any float
     mask_ptr,  # [B, T] bool / int / float
     ratio_ptr,  # [B, T] float32, contiguous
-    partials_ptr,  # [P, 10] float32
+    partials_ptr,  # [P, 11] float32
     B, T, n_col_tiles, n_tiles,
     s_lp_b, s_lp_t, s_olp_b, s_olp_t, s_v_b, s_v_t, s_ov_b, s_ov_t, s_a_b, s_a_t, s_r_b, s_r_t, s_m_b, s_m_t,
-    clip_lo, clip_hi, cliprange_value,
+    clip_lo, clip_hi, cliprange_value, dual_clip,
+    DUAL_CLIP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -76,6 +81,7 @@ def _ppo_loss_fwd_kernel(
     acc_v = 0.0
     acc_verr = 0.0
     acc_n = 0.0
+    acc_held = 0.0
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         rows = (tile // n_col_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = (tile % n_col_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -99,7 +105,13 @@ def _ppo_loss_fwd_kernel(
         err_clipped = v_clipped - ret
         vf_clipped = err_clipped * err_clipped
 
-        acc_pg += tl.sum(tl.maximum(pg_unclipped, pg_clipped) * m)
+        pg = tl.maximum(pg_unclipped, pg_clipped)
+        if DUAL_CLIP:  # negative advantages: the token's loss is at most −A·c
+            pg_lower = -adv * dual_clip
+            negative = adv < 0.0
+            acc_held += tl.sum(tl.where(negative & (pg > pg_lower), m, 0.0))
+            pg = tl.where(negative, tl.minimum(pg, pg_lower), pg)
+        acc_pg += tl.sum(pg * m)
         acc_vf += tl.sum(tl.maximum(vf_unclipped, vf_clipped) * m)
         acc_pg_clip += tl.sum(tl.where(pg_clipped > pg_unclipped, m, 0.0))
         acc_vf_clip += tl.sum(tl.where(vf_clipped > vf_unclipped, m, 0.0))
@@ -110,7 +122,7 @@ def _ppo_loss_fwd_kernel(
         acc_verr += tl.sum(vf_unclipped * m)
         acc_n += tl.sum(m)
         tl.store(ratio_ptr + rows[:, None] * T + cols[None, :], ratio, mask=ok)
-    out = partials_ptr + pid * 10
+    out = partials_ptr + pid * 11
     tl.store(out + 0, acc_pg)
     tl.store(out + 1, acc_vf)
     tl.store(out + 2, acc_pg_clip)
@@ -121,20 +133,21 @@ def _ppo_loss_fwd_kernel(
     tl.store(out + 7, acc_v)
     tl.store(out + 8, acc_verr)
     tl.store(out + 9, acc_n)
+    tl.store(out + 10, acc_held)
 
 
 @triton.jit
 def _ppo_loss_reduce_kernel(
-    partials_ptr,  # [P, 10] float32
+    partials_ptr,  # [P, 11] float32
     loss_ptr, pg_loss_ptr, vf_loss_ptr,  # [] float32
-    stats_ptr,  # [7] float32: the PPOLossOutput stats in order
+    stats_ptr,  # [8] float32: the PPOLossOutput stats in order
     count_ptr,  # [] float32: N, for the backward
     n_partials, vf_coef,
     BLOCK_P: tl.constexpr,
 ):
     p = tl.arange(0, BLOCK_P)
     k = tl.arange(0, 16)
-    parts = tl.load(partials_ptr + p[:, None] * 10 + k[None, :], mask=(p < n_partials)[:, None] & (k < 10)[None, :],
+    parts = tl.load(partials_ptr + p[:, None] * 11 + k[None, :], mask=(p < n_partials)[:, None] & (k < 11)[None, :],
                     other=0.0)
     sums = tl.sum(parts, axis=0)  # [16]
     n = tl.sum(tl.where(k == 9, sums, 0.0))
@@ -147,6 +160,7 @@ def _ppo_loss_reduce_kernel(
     tl.store(count_ptr, n)
     stats = tl.where(k == 4, 0.5 * means, means)  # approxkl = ½·mean(log_ratio²)
     tl.store(stats_ptr + (k - 2), stats, mask=(k >= 2) & (k < 9))
+    tl.store(stats_ptr + 7 + (k - 10), stats, mask=k == 10)  # pg_clipfrac_lower
 
 
 @triton.jit
@@ -159,7 +173,8 @@ def _ppo_loss_bwd_kernel(
     dv_ptr,  # [B, T] dtype of values, contiguous
     B, T, n_col_tiles,
     s_lp_b, s_lp_t, s_olp_b, s_olp_t, s_v_b, s_v_t, s_ov_b, s_ov_t, s_a_b, s_a_t, s_r_b, s_r_t, s_m_b, s_m_t,
-    clip_lo, clip_hi, cliprange_value, vf_coef,
+    clip_lo, clip_hi, cliprange_value, vf_coef, dual_clip,
+    DUAL_CLIP: tl.constexpr,
     HAS_G_LOSS: tl.constexpr, HAS_G_PG: tl.constexpr, HAS_G_VF: tl.constexpr,
     NEED_DLOGP: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -192,6 +207,13 @@ def _ppo_loss_bwd_kernel(
         pg_unclipped = -adv * ratio
         pg_clipped = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
         g = ((g_pg + g_loss) / n) * m  # d pg_loss / d max(...) per token
+        if DUAL_CLIP:
+            # where(A < 0, minimum(max(...), −A·c), max(...)): torch.minimum sends the gradient
+            # to the smaller side (half on a tie); −A·c is a constant
+            pg = tl.maximum(pg_unclipped, pg_clipped)
+            pg_lower = -adv * dual_clip
+            share = tl.where(pg == pg_lower, 0.5, tl.where(pg < pg_lower, 1.0, 0.0))
+            g = tl.where(adv < 0.0, g * share, g)
         # torch.maximum backward: all to the larger side, half each on a tie
         g_unclipped = tl.where(pg_unclipped == pg_clipped, 0.5 * g, tl.where(pg_unclipped < pg_clipped, 0.0, g))
         g_clipped = tl.where(pg_unclipped == pg_clipped, 0.5 * g, tl.where(pg_unclipped > pg_clipped, 0.0, g))
@@ -224,11 +246,11 @@ def _strides(*tensors):
 
 
 class _PPOLossFunction(torch.autograd.Function):
-    """(logprobs, values, constants...) → (loss, pg_loss, vf_loss, stats [7], ratio [B, T])."""
+    """(logprobs, values, constants...) → (loss, pg_loss, vf_loss, stats [8], ratio [B, T])."""
 
     @staticmethod
     def forward(ctx, logprobs, values, old_logprobs, old_values, advantages, returns, mask,
-                cliprange, cliprange_value, vf_coef):
+                cliprange, cliprange_value, vf_coef, dual_clip):
         B, T = logprobs.shape
         device = logprobs.device
         inputs = (logprobs, old_logprobs, values, old_values, advantages, returns, mask)
@@ -244,18 +266,21 @@ class _PPOLossFunction(torch.autograd.Function):
         stats = torch.empty(N_STATS, dtype=torch.float32, device=device)
         count = torch.empty((), dtype=torch.float32, device=device)
         clip = (1.0 - cliprange, 1.0 + cliprange, cliprange_value)
+        dual = dict(DUAL_CLIP=dual_clip is not None)
+        dual_c = float(dual_clip) if dual_clip is not None else 0.0
         with device_guard(logprobs):
             if n_partials:
                 _ppo_loss_fwd_kernel[(n_partials,)](
-                    *inputs, ratio, partials, B, T, n_col_tiles, n_tiles, *_strides(*inputs), *clip,
-                    BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
+                    *inputs, ratio, partials, B, T, n_col_tiles, n_tiles, *_strides(*inputs), *clip, dual_c,
+                    **dual, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
                 )
             _ppo_loss_reduce_kernel[(1,)](
                 partials, loss, pg_loss, vf_loss, stats, count, n_partials, vf_coef,
                 BLOCK_P=triton.next_power_of_2(max(n_partials, 1)), num_warps=4,
             )
         ctx.save_for_backward(*inputs, count)
-        ctx.clip = clip + (vf_coef,)
+        ctx.clip = clip + (vf_coef, dual_c)
+        ctx.dual = dual
         ctx.mark_non_differentiable(stats, ratio)
         ctx.set_materialize_grads(False)
         return loss, pg_loss, vf_loss, stats, ratio
@@ -269,7 +294,7 @@ class _PPOLossFunction(torch.autograd.Function):
         need_dlogp = ctx.needs_input_grad[0] and (have[0] or have[1])
         need_dv = ctx.needs_input_grad[1] and (have[0] or have[2])
         if not (need_dlogp or need_dv):
-            return (None,) * 10
+            return (None,) * 11
         B, T = logprobs.shape
         dlogp = torch.empty((B, T), dtype=logprobs.dtype, device=logprobs.device) if need_dlogp else None
         dv = torch.empty((B, T), dtype=values.dtype, device=values.device) if need_dv else None
@@ -282,12 +307,12 @@ class _PPOLossFunction(torch.autograd.Function):
                 _ppo_loss_bwd_kernel[(triton.cdiv(B, block_b) * n_col_tiles,)](
                     *inputs, *grads, count,
                     dlogp if need_dlogp else count, dv if need_dv else count,
-                    B, T, n_col_tiles, *_strides(*inputs), *ctx.clip,
+                    B, T, n_col_tiles, *_strides(*inputs), *ctx.clip, **ctx.dual,
                     HAS_G_LOSS=have[0], HAS_G_PG=have[1], HAS_G_VF=have[2],
                     NEED_DLOGP=need_dlogp, NEED_DV=need_dv,
                     BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
                 )
-        return (dlogp, dv) + (None,) * 8
+        return (dlogp, dv) + (None,) * 9
 
 
 def ppo_loss(
@@ -301,6 +326,7 @@ def ppo_loss(
     cliprange: float,
     cliprange_value: float,
     vf_coef: float,
+    dual_clip: Optional[float] = None,
 ) -> PPOLossOutput:
     """Clipped PPO policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
 
@@ -311,11 +337,12 @@ def ppo_loss(
     """
     loss, pg_loss, vf_loss, stats, ratio = _PPOLossFunction.apply(
         logprobs, values, old_logprobs, old_values, advantages, returns, mask,
-        float(cliprange), float(cliprange_value), float(vf_coef),
+        float(cliprange), float(cliprange_value), float(vf_coef), dual_clip,
     )
-    pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error = stats.unbind()
+    pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error, pg_clipfrac_lower = \
+        stats.unbind()
     return PPOLossOutput(
         loss=loss, pg_loss=pg_loss, vf_loss=vf_loss, pg_clipfrac=pg_clipfrac, vf_clipfrac=vf_clipfrac,
         approxkl=approxkl, policykl=policykl, ratio_mean=ratio_mean, vpred_mean=vpred_mean,
-        value_error=value_error, ratio=ratio,
+        value_error=value_error, ratio=ratio, pg_clipfrac_lower=pg_clipfrac_lower,
     )

@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 def _train(model_dir, tokenizer, backend, **config_kwargs):
     torch.manual_seed(0)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
-    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3, backend=backend,
-                       **config_kwargs)
+    config_kwargs.setdefault("learning_rate", 1e-3)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, backend=backend, **config_kwargs)
     trainer = PPOTrainer(config, model, None, tokenizer)
     stats = [trainer.step(*make_batch(tokenizer, 4, seed=seed)) for seed in (0, 1)]
     return trainer, stats
@@ -28,7 +28,8 @@ def _train(model_dir, tokenizer, backend, **config_kwargs):
     dict(),
     dict(kl_penalty="full", whiten_rewards=True),
     dict(kl_penalty="k3", gamma=0.9, lam=0.8, max_grad_norm=0.5),
-], ids=["default", "full-whiten", "k3-clip"])
+    dict(dual_clip=1.01, learning_rate=3e-3),  # a larger step: second-epoch ratios pass 1.01
+], ids=["default", "full-whiten", "k3-clip", "dual-clip"])
 def test_trainer_matches_between_backends(gpt2_dir, tokenizer, config_kwargs):
     assert ops.resolve_backend("triton", torch.device("cpu")) == "triton"
     torch_trainer, torch_stats = _train(gpt2_dir, tokenizer, "torch", **config_kwargs)
@@ -39,6 +40,8 @@ def test_trainer_matches_between_backends(gpt2_dir, tokenizer, config_kwargs):
                 continue
             np.testing.assert_allclose(np.asarray(got[key], dtype=np.float64), np.asarray(value, dtype=np.float64),
                                        err_msg=key, **TRAINER)
+    if "dual_clip" in config_kwargs:  # the switch was exercised, not just accepted
+        assert max(stats["ppo/policy/clipfrac_lower"] for stats in torch_stats) > 0
     expected_state = torch_trainer.unwrapped_model.state_dict()
     for key, value in triton_trainer.unwrapped_model.state_dict().items():
         torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **WEIGHTS)

@@ -52,6 +52,8 @@ def test_every_field_has_a_docstring_line():
     (dict(backend="cuda"), "backend"),
     (dict(use_score_norm=True), "use_score_norm"),
     (dict(mini_batch_size=2.0), "mini_batch_size"),
+    (dict(dual_clip=1.0), "dual_clip must be a number > 1"),
+    (dict(compare_steps=0), "compare_steps"),
 ])
 def test_invalid_values_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -22,7 +22,7 @@ from tolerances import tol  # noqa: E402
 
 NAMES = ("logprobs", "old_logprobs", "values", "old_values", "advantages", "returns")
 STATS = ("loss", "pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "policykl", "ratio_mean",
-         "vpred_mean", "value_error", "ratio")
+         "vpred_mean", "value_error", "ratio", "pg_clipfrac_lower")
 # upstream gradients of (loss, pg_loss, vf_loss); None = that output unused
 UPSTREAM = (0.7, -1.3, 2.1)
 
@@ -57,13 +57,13 @@ def _inputs(B, T, seed=0, dtype=torch.float32, mask_dtype=torch.bool, spread=0.3
     return dict(**tensors, mask=mask.to(mask_dtype).to(DEVICE))
 
 
-def _run(fn, inputs, upstream=UPSTREAM, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1):
+def _run(fn, inputs, upstream=UPSTREAM, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, dual_clip=None):
     """fn's outputs and the gradients of Σ upstream_i·N·(loss, pg_loss, vf_loss)_i w.r.t. logprobs and values.
 
     The factor N (tokens) keeps per-token gradients O(1), so the float32 atol is not vacuous.
     """
     leaves = {k: (v.detach().clone().requires_grad_() if k in ("logprobs", "values") else v) for k, v in inputs.items()}
-    out = fn(**leaves, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef)
+    out = fn(**leaves, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, dual_clip=dual_clip)
     n = inputs["mask"].numel()
     terms = [g * n * x for g, x in zip(upstream, (out.loss, out.pg_loss, out.vf_loss)) if g is not None]
     if terms:
@@ -150,6 +150,39 @@ def test_ties_and_clip_boundaries_match_autograd():
         _check(inputs, cliprange=cliprange, cliprange_value=cliprange_value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dual_clip_matches_reference(dtype):
+    """Ratios spread wide, so some negative-advantage tokens pass −A·c and are held there."""
+    inputs = _inputs(4, 37, seed=13, dtype=dtype, spread=1.5)
+    out, _, _ = _check(inputs, dual_clip=3.0)
+    assert 0.0 < out.pg_clipfrac_lower < out.pg_clipfrac
+    plain, _, _ = _check(inputs)
+    assert plain.pg_clipfrac_lower == 0.0 and out.pg_loss < plain.pg_loss
+
+
+def test_dual_clip_by_hand_and_its_ties():
+    """Four tokens, A = −1, ε = 0.2, c = 3: ratio 5 is held at 3 (no gradient), ratio 3 ties (half),
+    ratio 2 and ratio 0.5 (clipped to 0.8) are untouched by the dual clip."""
+    ratios = torch.tensor([[5.0, 3.0, 2.0, 0.5]])
+    inputs = _inputs(1, 4, seed=14)
+    inputs.update(logprobs=ratios.log().to(DEVICE), old_logprobs=torch.zeros(1, 4, device=DEVICE),
+                  advantages=-torch.ones(1, 4, device=DEVICE), mask=torch.ones(1, 4, dtype=torch.bool, device=DEVICE))
+    for fn in (ppo_loss, reference.ppo_loss):
+        out, dlogp, _ = _run(fn, inputs, upstream=(None, 1.0, None), dual_clip=3.0)
+        # per-token losses 3, 3, 2, 0.8 → mean 2.2; d/dlogp (× N = 4 by _run) = r·[0, ½, 1, 0] for −A = 1
+        torch.testing.assert_close(out.pg_loss, torch.tensor(2.2, device=DEVICE))
+        torch.testing.assert_close(dlogp, torch.tensor([[0.0, 1.5, 2.0, 0.0]], device=DEVICE))
+        assert out.pg_clipfrac_lower == 0.25  # only ratio 5 is strictly past −A·c
+    _check(inputs, upstream=(None, 1.0, None), dual_clip=3.0)
+
+
+def test_dual_clip_must_exceed_one():
+    inputs = _inputs(1, 3, seed=15)
+    for bad in (1.0, 0.5, "3"):
+        with pytest.raises(ValueError, match="dual_clip must be a number > 1"):
+            ops.ppo_loss(*(inputs[k] for k in NAMES), inputs["mask"], 0.2, 0.2, 0.1, dual_clip=bad)
+
+
 @pytest.fixture()
 def small_blocks(monkeypatch):
     """Many tiles (2 rows × 8 positions) spread over 3 programs: the grid-stride loop and the reduction."""
@@ -161,6 +194,7 @@ def small_blocks(monkeypatch):
 
 def test_many_tiles_few_programs(small_blocks):
     _check(_inputs(7, 37, seed=5))
+    _check(_inputs(7, 37, seed=5, spread=1.5), dual_clip=2.0)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1)])
