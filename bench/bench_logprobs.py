@@ -4,21 +4,25 @@ Bytes that must move, N = B·T rows of V logits, s bytes each: the forward reads
 once, N·V·s (+ 12 bytes a row: label, result); forward + backward reads them again and writes
 their gradient, 3·N·V·s (+ 16 bytes a row). DESIGN.md §6 bars at N=16384, V=151936, bf16:
 forward ≥ 85 % of that floor and ≥ 8× eager; forward + backward ≥ 4× eager with extra memory
-≤ one bf16 [N, V]. The liger provider is liger-kernel's cross-entropy with reduction="none",
-negated (−CE = the label's log-prob): the nearest thing it ships; it has no temperature. Its
-forward already computes the gradient and writes it over the input logits (its memory trick;
-checked with liger-kernel 0.8.5 under the Triton interpreter), so its forward row times a
-forward + backward's work, and the rotated inputs hold gradients after its first call: fine
-for timing, which does not depend on the values.
+≤ one bf16 [N, V].
+
+The liger provider is liger-kernel's cross-entropy with reduction="none", negated (−CE = the
+label's log-prob): the nearest thing it ships; it has no temperature. Its forward already
+computes the gradient and writes it over the input logits (its memory trick; checked with
+liger-kernel 0.8.5 under the Triton interpreter), so its forward row times a forward +
+backward's work. fastppo-inplace (forward + backward only) writes the gradient over the logits
+in the backward, as the trainer does with its LM head's output: no second [N, V] buffer. Both
+leave gradients in the rotated inputs, which does not change the timing.
 """
 
+import pytest
 import torch
 
 import harness
 from fastppo import ops, reference
 
 DIMS = "BTV"
-PROVIDERS = ("eager", "reference", "compile", "fastppo", "liger")
+PROVIDERS = ("eager", "reference", "compile", "fastppo", "fastppo-inplace", "liger")
 SHAPES = {
     "gpu": [(4, 1024, 151936), (4, 2048, 151936), (4, 4096, 151936)],  # N = 4096 … 16384 (§6: 16384)
     "cpu": [(2, 32, 32000), (2, 128, 32000), (2, 256, 32000)],
@@ -50,6 +54,8 @@ def _implementation(provider):
         reference=lambda logits, labels: ops.logprobs_from_logits(logits, labels, backend="torch"),
         fastppo=lambda logits, labels: ops.logprobs_from_logits(logits, labels, backend="triton"),
         liger=_liger_logprobs,
+        fastppo_inplace=lambda logits, labels: ops.logprobs_from_logits(logits, labels, backend="triton",
+                                                                        inplace_backward=True),
     )
 
 
@@ -64,6 +70,8 @@ def _inputs(shape, dtype, device, backward: bool):
 
 
 def bench_logprobs_fwd(benchmark, bench_env, provider, shape, dtype):
+    if provider == "fastppo-inplace":
+        pytest.skip("the forward is fastppo's; inplace_backward changes only the backward")
     fn = _implementation(provider)
     rows, vocab = shape[0] * shape[1], shape[2]
     harness.run_case(

@@ -46,6 +46,8 @@ PROVIDER_DOC = {
                  "(CPU and smoke runs)",
     "compile": "torch.compile(eager function, dynamic=False), compiled once per shape before timing",
     "fastppo": "fastppo.ops with backend='triton' (the Triton kernels)",
+    "fastppo-inplace": "logprobs forward + backward only: the same kernels with inplace_backward=True, the "
+                       "gradient written over the logits (what PPOTrainer uses for the LM head's output)",
     "liger": "liger-kernel's nearest equivalent (cross-entropy, reduction='none', negated), when installed",
 }
 MASK_DTYPE = torch.bool  # response masks in the token benchmarks
@@ -114,7 +116,7 @@ def provider_skip_reason(provider: str, env: BenchEnv) -> Optional[str]:
     if provider == "compile" and env.smoke and os.environ.get(SMOKE_COMPILE_ENV, "") in ("", "0"):
         return (f"torch.compile warm-up (~20 s cold on CPU, then seconds per graph) exceeds the smoke budget; "
                 f"set {SMOKE_COMPILE_ENV}=1 to include it")
-    if provider == "fastppo":
+    if provider in ("fastppo", "fastppo-inplace"):
         try:
             import triton  # noqa: F401
         except Exception as exc:
@@ -271,7 +273,8 @@ def random_mask(batch: int, length: int, device: torch.device, generator: torch.
 
 
 def implementation(provider: str, *, eager: Callable, reference: Callable, fastppo: Callable,
-                   liger: Optional[Callable[[], Callable]] = None) -> Callable:
+                   liger: Optional[Callable[[], Callable]] = None,
+                   fastppo_inplace: Optional[Callable] = None) -> Callable:
     """The callable `provider` times; `liger` is a factory (it imports liger-kernel)."""
     if provider == "eager":
         return eager
@@ -281,6 +284,8 @@ def implementation(provider: str, *, eager: Callable, reference: Callable, fastp
         return compiled(eager)
     if provider == "fastppo":
         return fastppo
+    if provider == "fastppo-inplace" and fastppo_inplace is not None:
+        return fastppo_inplace
     if provider == "liger" and liger is not None:
         try:
             return liger()

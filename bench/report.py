@@ -14,7 +14,8 @@ import json
 import os
 from collections import defaultdict
 
-PROVIDER_ORDER = ("eager", "reference", "compile", "fastppo", "liger", "torch", "triton", "triton-fused")
+PROVIDER_ORDER = ("eager", "reference", "compile", "fastppo", "fastppo-inplace", "liger", "torch", "triton",
+                  "triton-fused")
 OP_ORDER = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd", "linear_logprobs",
             "step", "step_longest")
 OP_TITLES = {
