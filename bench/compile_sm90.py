@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for an H100 (sm_90) without a GPU: registers, spills, shared memory.
+"""Compile every Triton kernel for an H100 (sm_90) without a GPU: registers, spills, load widths.
 
     python bench/compile_sm90.py [--arch 90] [--out compile.json]
 
@@ -36,6 +36,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 from fastppo.kernels import _launch  # noqa: E402
 
 RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+GLOBAL_LOAD = re.compile(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[a-z](\d+)\s")
 
 
 def cuobjdump() -> str:
@@ -48,6 +49,7 @@ class AheadOfTime:
     def __init__(self, target: GPUTarget):
         self.target, self.backend = target, make_backend(target)
         self.rows, self.seen = [], set()
+        self.case = ""  # what the launches being compiled stand for, set by the caller
 
     def compile(self, kernel: JITFunction, args, kwargs) -> None:
         binder = create_function_from_signature(kernel.signature, kernel.params, self.backend)
@@ -58,15 +60,16 @@ class AheadOfTime:
         config["num_warps"] = options.num_warps
         config["dtypes"] = "/".join(sorted({t[1:] for t in signature.values() if isinstance(t, str)
                                             and t.startswith("*")}))
-        key = (kernel.fn.__name__, json.dumps(config, sort_keys=True, default=str))
+        key = (kernel.fn.__name__, self.case, json.dumps(config, sort_keys=True, default=str))
         if key in self.seen:
             return
         self.seen.add(key)
-        row = {"kernel": kernel.fn.__name__, "config": config}
+        row = {"kernel": kernel.fn.__name__, "case": self.case, "config": config}
         try:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=self.target,
                                       options=options.__dict__)
-            row.update(resource_usage(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared, ok=True)
+            row.update(resource_usage(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
+                       load_widths=global_load_widths(compiled.asm["ptx"]), ok=True)
         except Exception as exc:  # noqa: BLE001 - a compile failure is this tool's finding
             row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         self.rows.append(row)
@@ -86,6 +89,12 @@ class AheadOfTime:
             JITFunction.__getitem__ = original
 
 
+def global_load_widths(ptx: str) -> list:
+    """Bytes per thread of each kind of global-memory load in the PTX, e.g. [8, 16]: 16 is one
+    128-bit vector load (what a streamed row wants); 2 is bf16 element by element."""
+    return sorted({int(vector or 1) * int(bits) // 8 for vector, bits in GLOBAL_LOAD.findall(ptx)})
+
+
 def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
@@ -99,7 +108,7 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": registers, "stack": stack, "local": local}
 
 
-def exercise_every_kernel() -> None:
+def exercise_every_kernel(tool: AheadOfTime) -> None:
     """Each op once, forward and backward, on shapes that pick the GPU heuristics' large blocks.
 
     The kernel modules are called directly: fastppo.ops refuses Triton for CPU tensors outside
@@ -108,19 +117,28 @@ def exercise_every_kernel() -> None:
     from fastppo.kernels import kernel_for
 
     generator = torch.Generator().manual_seed(0)
+    # A vocabulary that is not a multiple of 16 (GPT-2's 50257): rows start off 16-byte boundaries,
+    # which triton cannot assume aligned, so the loads narrow. The others are multiples of 16, as
+    # Llama's 128256 and Qwen2's 151936 are.
+    tool.case = "V=5001, rows off 16-byte boundaries"
+    odd = torch.randn(3, 5001, generator=generator).bfloat16()
+    kernel_for("logprobs_from_logits")(odd, torch.randint(0, 5001, (3,), generator=generator))
+    kernel_for("full_kl")(odd, odd * 0.5)
+    tool.case = "V=5120"
     for dtype in (torch.bfloat16, torch.float32):
-        logits = torch.randn(4, 3, 5000, generator=generator).to(dtype).requires_grad_()
-        labels = torch.randint(0, 5000, (4, 3), generator=generator)
+        logits = torch.randn(4, 3, 5120, generator=generator).to(dtype).requires_grad_()
+        labels = torch.randint(0, 5120, (4, 3), generator=generator)
         for inplace in (False, True):
             logp, entropy = kernel_for("logprobs_from_logits")(logits[:, :2], labels[:, :2], 1.0, True, inplace)
             torch.autograd.grad((logp, entropy), logits, (torch.ones_like(logp), torch.ones_like(entropy)))
         kernel_for("full_kl")(logits.detach(), logits.detach() * 0.5)
         hidden = torch.randn(40, 16, generator=generator).to(dtype).requires_grad_()
-        weight = torch.randn(5000, 16, generator=generator).to(dtype).requires_grad_()
-        logp = kernel_for("linear_logprobs")(hidden, weight, torch.randint(0, 5000, (40,), generator=generator),
+        weight = torch.randn(5120, 16, generator=generator).to(dtype).requires_grad_()
+        logp = kernel_for("linear_logprobs")(hidden, weight, torch.randint(0, 5120, (40,), generator=generator),
                                              chunk_size=16)
         torch.autograd.grad(logp.sum(), (hidden, weight))
     for shape in ((64, 8192), (3, 100)):
+        tool.case = f"[B, T] = {list(shape)}"
         tensors = [torch.randn(shape, generator=generator) for _ in range(6)]
         mask = torch.ones(shape, dtype=torch.bool)
         scores = torch.randn(shape[0], generator=generator)
@@ -145,16 +163,18 @@ def main(argv=None) -> int:
     tool = AheadOfTime(GPUTarget("cuda", args.arch, 32))
     _launch.is_interpreted = lambda device: False  # the GPU's blocks, tiles and warps
     with tool.installed():
-        exercise_every_kernel()
+        exercise_every_kernel(tool)
     print(f"triton {triton.__version__}, target sm_{args.arch}: {len(tool.rows)} kernel configurations")
-    print("| kernel | configuration | registers | spilled (local bytes) | shared bytes |")
-    print("|---|---|---|---|---|")
-    for row in sorted(tool.rows, key=lambda r: (r["kernel"], json.dumps(r["config"], sort_keys=True, default=str))):
+    print("| kernel | inputs | configuration | registers | spilled (local bytes) | shared bytes | load widths (bytes) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in sorted(tool.rows, key=lambda r: (r["kernel"], r["case"], json.dumps(r["config"], sort_keys=True,
+                                                                                  default=str))):
         config = ", ".join(f"{k}={v}" for k, v in sorted(row["config"].items()))
         if row["ok"]:
-            print(f"| {row['kernel']} | {config} | {row['registers']} | {row['local']} | {row['shared_bytes']} |")
+            print(f"| {row['kernel']} | {row['case']} | {config} | {row['registers']} | {row['local']} | "
+                  f"{row['shared_bytes']} | {', '.join(map(str, row['load_widths']))} |")
         else:
-            print(f"| {row['kernel']} | {config} | **failed**: {row['error']} | | |")
+            print(f"| {row['kernel']} | {row['case']} | {config} | **failed**: {row['error']} | | | |")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"triton": triton.__version__, "arch": args.arch, "rows": tool.rows}, handle, indent=1,
