@@ -95,7 +95,7 @@ def longest_row(provider, tried, first_oom):
                 mini_batch_size=2, query_length=32, max_response_length=max(k for k, ok in tried.items() if ok),
                 first_oom_length=first_oom, search_limit=1 << 17,
                 tried={str(k): ok for k, ok in sorted(tried.items())}, timer="search_duration",
-                model=dict(hidden=512, layers=4, heads=8, vocab=151936))
+                model=dict(hidden=896, layers=24, heads=14, vocab=151936))
     return pytest_benchmark_entry("step_longest", provider, info)
 
 
