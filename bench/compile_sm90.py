@@ -117,9 +117,9 @@ def exercise_every_kernel(tool: AheadOfTime) -> None:
     from fastppo.kernels import kernel_for
 
     generator = torch.Generator().manual_seed(0)
-    # A vocabulary that is not a multiple of 16 (GPT-2's 50257): rows start off 16-byte boundaries,
-    # which triton cannot assume aligned, so the loads narrow. The others are multiples of 16, as
-    # Llama's 128256 and Qwen2's 151936 are.
+    # A vocabulary that is not a multiple of 16 (GPT-2's 50257): rows start off 16-byte boundaries
+    # and end ragged. The vocab kernels still stream the blocks between a row's first and last
+    # with 128-bit loads. The others are multiples of 16, as Llama's 128256 and Qwen2's 151936 are.
     tool.case = "V=5001, rows off 16-byte boundaries"
     odd = torch.randn(3, 5001, generator=generator).bfloat16()
     kernel_for("logprobs_from_logits")(odd, torch.randint(0, 5001, (3,), generator=generator))

@@ -91,6 +91,18 @@ def row_pieces(*tensors: torch.Tensor, prefix: tuple = ()) -> Iterator[Tuple[tup
         yield from row_pieces(*tensors, prefix=prefix + (i,))
 
 
+def row_alignment(x: torch.Tensor, layout: RowLayout) -> int:
+    """ALIGN of a vocabulary kernel over rows of `x` laid out as `layout`: the elements in 16 bytes
+    when columns are contiguous (its blocks then start on 16-byte boundaries), else 1."""
+    return 16 // x.element_size() if layout[3] == 1 else 1
+
+
+def aligned_block(block: int, align: int) -> dict:
+    """BLOCK and ALIGN launch arguments: a block holds at least one 16-byte group, so the lanes
+    before a row (fewer than ALIGN) all fall in the first block, the only masked one up front."""
+    return dict(BLOCK=max(block, align), ALIGN=align)
+
+
 def check_column_offsets(x: torch.Tensor, name: str) -> None:
     """Kernels index columns with int32 offsets (row offsets are int64): refuse a layout that overflows them."""
     if (x.shape[-1] - 1) * abs(x.stride(-1)) >= 2**31:

@@ -16,6 +16,9 @@ math, so a rounding-level negative result is clamped to 0 (NaN stays NaN).
 Shapes: logits, ref_logits [..., V] (any float dtype, any strides, read in place) →
 [...] float32. No gradient (ops wraps it in no_grad).
 Bytes moved, N rows: 2·N·V·sizeof(dtype) read once + 4·N written.
+
+Rows are walked in blocks aligned to 16 bytes as in kernels/logprobs.py: masked first and last
+blocks, unmasked 128-bit loads between.
 """
 
 from __future__ import annotations
@@ -24,11 +27,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_column_offsets, device_guard, row_pieces, vocab_block
+from ._launch import aligned_block, check_column_offsets, device_guard, row_alignment, row_pieces, vocab_block
 
 LOG2E = 1.4426950408889634  # log2(e)
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _kl_block(x, r, m_x, m_r, s_x, s_r, a):
+    """Fold one block of both rows into the running maxima and per-lane sums."""
+    m_x_new = tl.maximum(m_x, tl.max(x, 0))
+    m_r_new = tl.maximum(m_r, tl.max(r, 0))
+    # finite shift references: while a row is all -inf so far its sums stay 0
+    ref_x = tl.where(m_x_new == -float("inf"), 0.0, m_x_new)
+    ref_r = tl.where(m_r_new == -float("inf"), 0.0, m_r_new)
+    rescale_x = tl.exp2((m_x - ref_x) * _LOG2E)
+    rescale_r = tl.exp2((m_r - ref_r) * _LOG2E)
+    e_x = tl.exp2((x - ref_x) * _LOG2E)
+    e_r = tl.exp2((r - ref_r) * _LOG2E)
+    # p_v = 0 (padding, or a -inf logit) contributes 0, not 0·(x − r) = NaN
+    a = a * rescale_x + tl.where(e_x > 0.0, e_x * (x - r), 0.0)
+    s_x = s_x * rescale_x + e_x
+    s_r = s_r * rescale_r + e_r
+    return m_x_new, m_r_new, s_x, s_r, a
 
 
 @triton.jit
@@ -46,38 +68,44 @@ def _full_kl_kernel(
     r_stride_inner,
     r_stride_col,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,  # elements per 16 bytes when the logits' columns are contiguous, else 1
+    R_ALIGNED: tl.constexpr,  # ref_logits has the logits' row layout and dtype: the same 16-byte phase
 ):
     row = tl.program_id(0)
     x_outer, x_inner = (row // x_n_inner).to(tl.int64), (row % x_n_inner).to(tl.int64)
     r_outer, r_inner = (row // r_n_inner).to(tl.int64), (row % r_n_inner).to(tl.int64)
-    x_row = x_ptr + x_outer * x_stride_outer + x_inner * x_stride_inner  # int64: N·V may pass 2**31
-    r_row = r_ptr + r_outer * r_stride_outer + r_inner * r_stride_inner
+    x_offset = x_outer * x_stride_outer + x_inner * x_stride_inner  # int64: N·V may pass 2**31
+    r_offset = r_outer * r_stride_outer + r_inner * r_stride_inner
+    # Blocks start on 16-byte boundaries whatever V is: lanes [head, head + V) hold the rows. Only
+    # the first and the last block need a mask; the blocks between load 128 bits per thread.
+    head = x_offset % ALIGN
+    x_base = x_ptr + tl.multiple_of(x_offset - head, ALIGN)
+    if R_ALIGNED:
+        r_base = r_ptr + tl.multiple_of(r_offset - head, ALIGN)
+    else:  # lane l is column l − head
+        r_base = r_ptr + r_offset - head * r_stride_col
+    total = head + n_cols
+    lanes = tl.arange(0, BLOCK)
 
     m_x = -float("inf")
     m_r = -float("inf")
     s_x = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{x − m_x}
     s_r = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{r − m_r}
     a = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{x − m_x}·(x − r)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(x_row + cols * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
-        r = tl.load(r_row + cols * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
-        m_x_new = tl.maximum(m_x, tl.max(x, 0))
-        m_r_new = tl.maximum(m_r, tl.max(r, 0))
-        # finite shift references: while a row is all -inf so far its sums stay 0
-        ref_x = tl.where(m_x_new == -float("inf"), 0.0, m_x_new)
-        ref_r = tl.where(m_r_new == -float("inf"), 0.0, m_r_new)
-        rescale_x = tl.exp2((m_x - ref_x) * _LOG2E)
-        rescale_r = tl.exp2((m_r - ref_r) * _LOG2E)
-        e_x = tl.exp2((x - ref_x) * _LOG2E)
-        e_r = tl.exp2((r - ref_r) * _LOG2E)
-        # p_v = 0 (padding, or a -inf logit) contributes 0, not 0·(x − r) = NaN
-        a = a * rescale_x + tl.where(e_x > 0.0, e_x * (x - r), 0.0)
-        s_x = s_x * rescale_x + e_x
-        s_r = s_r * rescale_r + e_r
-        m_x = m_x_new
-        m_r = m_r_new
+    mask = (lanes >= head) & (lanes < total)
+    x = tl.load(x_base + lanes * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+    r = tl.load(r_base + lanes * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+    m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
+    end = (total // BLOCK) * BLOCK
+    for start in range(BLOCK, end, BLOCK):
+        x = tl.load(x_base + (start + lanes) * x_stride_col).to(tl.float32)
+        r = tl.load(r_base + (start + lanes) * r_stride_col).to(tl.float32)
+        m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
+    if (end >= BLOCK) & (end < total):
+        mask = end + lanes < total
+        x = tl.load(x_base + (end + lanes) * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+        r = tl.load(r_base + (end + lanes) * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+        m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
 
     sum_x = tl.sum(s_x, 0)
     kl = tl.sum(a, 0) / sum_x - (m_x - m_r) - (tl.log2(sum_x) - tl.log2(tl.sum(s_r, 0))) * _LN2
@@ -112,9 +140,11 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
             n_rows = kl[index].numel()
             if n_rows == 0:
                 continue
+            align = row_alignment(logits, x_layout)
             _full_kl_kernel[(n_rows,)](
                 logits[index], ref_logits[index], kl[index],
-                n_cols, *x_layout, *r_layout,
-                BLOCK=block, num_warps=num_warps,
+                n_cols, *x_layout, *r_layout, **aligned_block(block, align),
+                R_ALIGNED=align > 1 and r_layout == x_layout and ref_logits.dtype == logits.dtype,
+                num_warps=num_warps,
             )
     return kl

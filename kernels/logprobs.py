@@ -15,6 +15,12 @@ construction: both terms are ≤ 0), H = ln2·(log2 s − a/s). Keeping every su
 running max avoids the cancellation of lse − Σ p·y when logits are large. All arithmetic is
 float32 whatever the input dtype.
 
+Blocks start on 16-byte boundaries whatever V is (an odd V puts rows off them): when columns
+are contiguous a row's lanes begin `head` = (row offset mod ALIGN) into its first block. Only
+the first and the last block of a row are masked; the ones between are loaded unmasked, so
+the compiler emits 128-bit loads for them (a mask against a V that is not a multiple of 16,
+or an unknown row alignment, would make every load element-wide).
+
 Backward recomputes p_v = 2^{(z_v − m)·log2(e)/T − log2 s} from the two float32 numbers
 per row the forward saved (m, log2 s), and writes the gradient in the logits' dtype —
 optionally into the logits' own buffer (`inplace_backward=True`).
@@ -32,11 +38,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_column_offsets, device_guard, row_pieces, vocab_block
+from ._launch import aligned_block, check_column_offsets, device_guard, row_alignment, row_pieces, vocab_block
 
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 _LN2 = tl.constexpr(LN2)  # for use inside kernels
+
+
+@triton.jit
+def _forward_block(z, m, s, a, scale, RETURN_ENTROPY: tl.constexpr):
+    """Fold one block of raw logits `z` into the running max `m` and per-lane sums `s`, `a`."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    # Shift by a finite reference: while every logit so far is -inf, shift by 0 (sums stay 0).
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    shift = (m - m_ref) * scale  # ≤ 0; -inf on the first finite block, where s = a = 0
+    rescale = tl.exp2(shift)
+    t = (z - m_ref) * scale  # ≤ 0; -inf on padding lanes and -inf logits
+    e = tl.exp2(t)
+    if RETURN_ENTROPY:
+        # Moving the reference by `shift` turns Σ e·t into rescale·(Σ e·t + shift·Σ e).
+        shift_finite = tl.where(m == -float("inf"), 0.0, shift)
+        a = (a + shift_finite * s) * rescale + tl.where(e > 0.0, e * t, 0.0)
+    s = s * rescale + e
+    return m_new, s, a
 
 
 @triton.jit
@@ -55,41 +79,53 @@ def _logprobs_forward_kernel(
     scale,  # log2(e) / temperature
     RETURN_ENTROPY: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,  # elements per 16 bytes when columns are contiguous, else 1
 ):
     row = tl.program_id(0)
     outer, inner = (row // n_inner).to(tl.int64), (row % n_inner).to(tl.int64)
-    x_row = logits_ptr + outer * stride_outer + inner * stride_inner  # int64: N·V may pass 2**31
+    offset = outer * stride_outer + inner * stride_inner  # int64: N·V may pass 2**31
+    # Blocks start on 16-byte boundaries whatever V is: lanes [head, head + V) hold the row. Only
+    # the first and the last block need a mask; the blocks between load 128 bits per thread.
+    head = offset % ALIGN
+    x_base = logits_ptr + tl.multiple_of(offset - head, ALIGN)
+    total = head + n_cols
+    lanes = tl.arange(0, BLOCK)
 
     m = -float("inf")  # running max of the raw logits
     s = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ 2^t, t relative to m
     a = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ 2^t · t (entropy only)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + cols * stride_col, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        # Shift by a finite reference: while every logit so far is -inf, shift by 0 (sums stay 0).
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        shift = (m - m_ref) * scale  # ≤ 0; -inf on the first finite block, where s = a = 0
-        rescale = tl.exp2(shift)
-        t = (z - m_ref) * scale  # ≤ 0; -inf on padding lanes and -inf logits
-        e = tl.exp2(t)
-        if RETURN_ENTROPY:
-            # Moving the reference by `shift` turns Σ e·t into rescale·(Σ e·t + shift·Σ e).
-            shift_finite = tl.where(m == -float("inf"), 0.0, shift)
-            a = (a + shift_finite * s) * rescale + tl.where(e > 0.0, e * t, 0.0)
-        s = s * rescale + e
-        m = m_new
+    z = tl.load(x_base + lanes * stride_col, mask=(lanes >= head) & (lanes < total), other=-float("inf"))
+    m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
+    end = (total // BLOCK) * BLOCK
+    for start in range(BLOCK, end, BLOCK):
+        z = tl.load(x_base + (start + lanes) * stride_col)
+        m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
+    if (end >= BLOCK) & (end < total):
+        z = tl.load(x_base + (end + lanes) * stride_col, mask=end + lanes < total, other=-float("inf"))
+        m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
 
     log2_sum = tl.log2(tl.sum(s, 0))  # ≥ 0: the max element alone contributes 2^0
     label = tl.load(labels_ptr + row).to(tl.int64)
     in_vocab = (label >= 0) & (label < n_cols)
-    z_label = tl.load(x_row + label * stride_col, mask=in_vocab, other=0.0).to(tl.float32)
+    z_label = tl.load(x_base + (head + label) * stride_col, mask=in_vocab, other=0.0).to(tl.float32)
     logp = ((z_label - m) * scale - log2_sum) * _LN2
     tl.store(logp_ptr + row, tl.where(in_vocab, logp, float("nan")))
     tl.store(row_max_ptr + row, m)
     tl.store(log2_sum_ptr + row, log2_sum)
     if RETURN_ENTROPY:
         tl.store(entropy_ptr + row, (log2_sum - tl.sum(a, 0) / tl.sum(s, 0)) * _LN2)
+
+
+@triton.jit
+def _backward_block(z, cols, m, log2_sum, label, g_logp, g_entropy, entropy, scale, ENTROPY_GRAD: tl.constexpr):
+    """∂L/∂z of one block (float32) from its raw logits `z` at columns `cols`."""
+    log2_p = (z - m) * scale - log2_sum
+    p = tl.exp2(log2_p)
+    grad = g_logp * (tl.where(cols == label, 1.0, 0.0) - p)  # g·(onehot − p)/T
+    if ENTROPY_GRAD:
+        # −gH·p·(log p + H)/T; p = 0 (a -inf logit) contributes 0, not 0·(−inf)
+        grad -= g_entropy * tl.where(p > 0.0, p * (log2_p * _LN2 + entropy), 0.0)
+    return grad
 
 
 @triton.jit
@@ -115,31 +151,51 @@ def _logprobs_backward_kernel(
     inv_temperature,
     ENTROPY_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,  # elements per 16 bytes when the logits' columns are contiguous, else 1
+    G_ALIGNED: tl.constexpr,  # the gradient has the logits' row layout and dtype: the same 16-byte phase
 ):
     row = tl.program_id(0)
     x_outer, x_inner = (row // x_n_inner).to(tl.int64), (row % x_n_inner).to(tl.int64)
     g_outer, g_inner = (row // g_n_inner).to(tl.int64), (row % g_n_inner).to(tl.int64)
-    x_row = logits_ptr + x_outer * x_stride_outer + x_inner * x_stride_inner
-    g_row = grad_ptr + g_outer * g_stride_outer + g_inner * g_stride_inner
+    x_offset = x_outer * x_stride_outer + x_inner * x_stride_inner
+    g_offset = g_outer * g_stride_outer + g_inner * g_stride_inner
+    # Blocks on 16-byte boundaries, as in the forward: lanes [head, head + V) hold the row.
+    head = x_offset % ALIGN
+    x_base = logits_ptr + tl.multiple_of(x_offset - head, ALIGN)
+    if G_ALIGNED:
+        g_base = grad_ptr + tl.multiple_of(g_offset - head, ALIGN)
+    else:  # lane l is column l − head
+        g_base = grad_ptr + g_offset - head * g_stride_col
+    total = head + n_cols
+    lanes = tl.arange(0, BLOCK)
 
     m = tl.load(row_max_ptr + row)
     log2_sum = tl.load(log2_sum_ptr + row)
     label = tl.load(labels_ptr + row).to(tl.int64)
     g_logp = tl.load(grad_logp_ptr + row) * inv_temperature
+    g_entropy = 0.0
+    entropy = 0.0
     if ENTROPY_GRAD:
         g_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
         entropy = tl.load(entropy_ptr + row)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        z = tl.load(x_row + cols * x_stride_col, mask=mask, other=0.0).to(tl.float32)
-        log2_p = (z - m) * scale - log2_sum
-        p = tl.exp2(log2_p)
-        grad = g_logp * (tl.where(cols == label, 1.0, 0.0) - p)  # g·(onehot − p)/T
-        if ENTROPY_GRAD:
-            # −gH·p·(log p + H)/T; p = 0 (a -inf logit) contributes 0, not 0·(−inf)
-            grad -= g_entropy * tl.where(p > 0.0, p * (log2_p * _LN2 + entropy), 0.0)
-        tl.store(g_row + cols * g_stride_col, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    out_ty = grad_ptr.dtype.element_ty
+
+    mask = (lanes >= head) & (lanes < total)
+    z = tl.load(x_base + lanes * x_stride_col, mask=mask, other=0.0).to(tl.float32)
+    grad = _backward_block(z, lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale, ENTROPY_GRAD)
+    tl.store(g_base + lanes * g_stride_col, grad.to(out_ty), mask=mask)
+    end = (total // BLOCK) * BLOCK
+    for start in range(BLOCK, end, BLOCK):
+        z = tl.load(x_base + (start + lanes) * x_stride_col).to(tl.float32)
+        grad = _backward_block(z, start + lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,
+                               ENTROPY_GRAD)
+        tl.store(g_base + (start + lanes) * g_stride_col, grad.to(out_ty))
+    if (end >= BLOCK) & (end < total):
+        mask = end + lanes < total
+        z = tl.load(x_base + (end + lanes) * x_stride_col, mask=mask, other=0.0).to(tl.float32)
+        grad = _backward_block(z, end + lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,
+                               ENTROPY_GRAD)
+        tl.store(g_base + (end + lanes) * g_stride_col, grad.to(out_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -182,7 +238,8 @@ def _forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ret
                 entropy[index] if return_entropy else logp[index],
                 row_max[index], log2_sum[index],
                 n_cols, *layout, scale,
-                RETURN_ENTROPY=return_entropy, BLOCK=block, num_warps=num_warps,
+                RETURN_ENTROPY=return_entropy, **aligned_block(block, row_alignment(logits, layout)),
+                num_warps=num_warps,
             )
     return logp, entropy, row_max, log2_sum
 
@@ -210,13 +267,15 @@ def _backward(logits, labels, row_max, log2_sum, temperature, grad_logp, entropy
             n_rows = row_max[index].numel()
             if n_rows == 0:
                 continue
+            align = row_alignment(logits, x_layout)
             _logprobs_backward_kernel[(n_rows,)](
                 logits[index], out[index], labels[index], row_max[index], log2_sum[index], grad_logp[index],
                 entropy[index] if entropy_grad else grad_logp[index],
                 grad_entropy[index] if entropy_grad else grad_logp[index],
                 n_cols, *x_layout, *g_layout,
                 LOG2E / float(temperature), 1.0 / float(temperature),
-                ENTROPY_GRAD=entropy_grad, BLOCK=block, num_warps=num_warps,
+                ENTROPY_GRAD=entropy_grad, **aligned_block(block, align),
+                G_ALIGNED=align > 1 and g_layout == x_layout and out.dtype == logits.dtype, num_warps=num_warps,
             )
     return out
 

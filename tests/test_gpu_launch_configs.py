@@ -118,3 +118,28 @@ def test_linear_logprobs_forward_and_backward():
         results.append((logp, *torch.autograd.grad(logp, (hidden, weight), g)))
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, **tol(got.dtype))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
+def test_odd_vocabulary_rows_off_16_byte_boundaries(inplace):
+    """V = 9001 in [2, 4, V] read through `[:, :-1]`: rows start at every phase of a 16-byte group, so
+    the masked first block holds 0–7 lanes before the row, then one unmasked 4096-column block,
+    then a masked tail. A new gradient buffer has another row layout than the logits (its phase
+    differs), the in-place one the same."""
+    vocab = 9001
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(2, 4, vocab, generator=generator).bfloat16()
+    ref_base = torch.randn(2, 4, vocab, generator=generator).bfloat16()
+    labels = torch.randint(0, vocab, (2, 3), generator=generator)
+    g_logp, g_entropy = torch.randn(2, 3, generator=generator), torch.randn(2, 3, generator=generator)
+    results = []
+    for backend in ("triton", "torch"):
+        leaf = base.clone().requires_grad_()
+        logits = leaf[:, :-1]
+        logp, entropy = ops.logprobs_from_logits(logits, labels, return_entropy=True, backend=backend,
+                                                 inplace_backward=inplace)
+        (grad,) = torch.autograd.grad((logp, entropy), logits, (g_logp, g_entropy))
+        kl = ops.full_kl(base[:, :-1], ref_base[:, 1:], backend=backend)  # two layouts, one phase each
+        results.append((logp, entropy, grad, kl))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **tol(got.dtype))
