@@ -91,16 +91,24 @@ def row_pieces(*tensors: torch.Tensor, prefix: tuple = ()) -> Iterator[Tuple[tup
         yield from row_pieces(*tensors, prefix=prefix + (i,))
 
 
-def row_alignment(x: torch.Tensor, layout: RowLayout) -> int:
-    """ALIGN of a vocabulary kernel over rows of `x` laid out as `layout`: the elements in 16 bytes
-    when columns are contiguous (its blocks then start on 16-byte boundaries), else 1."""
-    return 16 // x.element_size() if layout[3] == 1 else 1
+def aligned_block(block: int, n_cols: int, x: torch.Tensor, x_layout: RowLayout,
+                  other: Optional[torch.Tensor] = None, other_layout: Optional[RowLayout] = None) -> dict:
+    """Launch constants of a vocabulary kernel streaming rows of `x` (and of `other`, read or
+    written at the same columns) in blocks that start on 16-byte boundaries.
 
-
-def aligned_block(block: int, align: int) -> dict:
-    """BLOCK and ALIGN launch arguments: a block holds at least one 16-byte group, so the lanes
-    before a row (fewer than ALIGN) all fall in the first block, the only masked one up front."""
-    return dict(BLOCK=max(block, align), ALIGN=align)
+    ALIGN: elements per 16 bytes when x's columns are contiguous, else 1. RAGGED: rows may
+    start off those boundaries or end mid-way through 16 bytes (V or a row stride not a
+    multiple of 16 elements, what triton specialises on), so the kernel masks only a row's
+    first and last block and loads the blocks between unmasked, 128 bits wide; otherwise one
+    masked loop already vectorises. OTHER_ALIGNED: `other` has x's row layout and dtype, so
+    its rows share x's 16-byte phase. BLOCK: at least one 16-byte group, so the lanes before a
+    row (fewer than ALIGN) all fall in its first block.
+    """
+    align = 16 // x.element_size() if x_layout[3] == 1 else 1
+    ragged = align > 1 and any(n % 16 for n in (n_cols, x_layout[1], x_layout[2]))
+    other_aligned = (other is not None and align > 1 and other_layout == x_layout
+                     and other.element_size() == x.element_size())
+    return dict(BLOCK=max(block, align), ALIGN=align, RAGGED=ragged, OTHER_ALIGNED=other_aligned)
 
 
 def check_column_offsets(x: torch.Tensor, name: str) -> None:

@@ -17,8 +17,8 @@ Shapes: logits, ref_logits [..., V] (any float dtype, any strides, read in place
 [...] float32. No gradient (ops wraps it in no_grad).
 Bytes moved, N rows: 2·N·V·sizeof(dtype) read once + 4·N written.
 
-Rows are walked in blocks aligned to 16 bytes as in kernels/logprobs.py: masked first and last
-blocks, unmasked 128-bit loads between.
+Rows stream as 128-bit loads whatever V is, as in kernels/logprobs.py (for a RAGGED V: blocks
+aligned to 16 bytes, masked only at a row's ends).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import aligned_block, check_column_offsets, device_guard, row_alignment, row_pieces, vocab_block
+from ._launch import aligned_block, check_column_offsets, device_guard, row_pieces, vocab_block
 
 LOG2E = 1.4426950408889634  # log2(e)
 _LOG2E = tl.constexpr(LOG2E)
@@ -70,6 +70,7 @@ def _full_kl_kernel(
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,  # elements per 16 bytes when the logits' columns are contiguous, else 1
     R_ALIGNED: tl.constexpr,  # ref_logits has the logits' row layout and dtype: the same 16-byte phase
+    RAGGED: tl.constexpr,  # rows off 16-byte boundaries or V not a multiple of 16
 ):
     row = tl.program_id(0)
     x_outer, x_inner = (row // x_n_inner).to(tl.int64), (row % x_n_inner).to(tl.int64)
@@ -78,7 +79,7 @@ def _full_kl_kernel(
     r_offset = r_outer * r_stride_outer + r_inner * r_stride_inner
     # Blocks start on 16-byte boundaries whatever V is: lanes [head, head + V) hold the rows. Only
     # the first and the last block need a mask; the blocks between load 128 bits per thread.
-    head = x_offset % ALIGN
+    head = x_offset % ALIGN if RAGGED else 0
     x_base = x_ptr + tl.multiple_of(x_offset - head, ALIGN)
     if R_ALIGNED:
         r_base = r_ptr + tl.multiple_of(r_offset - head, ALIGN)
@@ -92,20 +93,28 @@ def _full_kl_kernel(
     s_x = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{x − m_x}
     s_r = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{r − m_r}
     a = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{x − m_x}·(x − r)
-    mask = (lanes >= head) & (lanes < total)
-    x = tl.load(x_base + lanes * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
-    r = tl.load(r_base + lanes * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
-    m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
-    end = (total // BLOCK) * BLOCK
-    for start in range(BLOCK, end, BLOCK):
-        x = tl.load(x_base + (start + lanes) * x_stride_col).to(tl.float32)
-        r = tl.load(r_base + (start + lanes) * r_stride_col).to(tl.float32)
+    if RAGGED:  # masked first and last blocks, unmasked 128-bit loads between
+        mask = (lanes >= head) & (lanes < total)
+        x = tl.load(x_base + lanes * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+        r = tl.load(r_base + lanes * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
         m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
-    if (end >= BLOCK) & (end < total):
-        mask = end + lanes < total
-        x = tl.load(x_base + (end + lanes) * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
-        r = tl.load(r_base + (end + lanes) * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
-        m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
+        end = (total // BLOCK) * BLOCK
+        for start in range(BLOCK, end, BLOCK):
+            x = tl.load(x_base + (start + lanes) * x_stride_col).to(tl.float32)
+            r = tl.load(r_base + (start + lanes) * r_stride_col).to(tl.float32)
+            m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
+        if (end >= BLOCK) & (end < total):
+            mask = end + lanes < total
+            x = tl.load(x_base + (end + lanes) * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+            r = tl.load(r_base + (end + lanes) * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+            m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
+    else:  # aligned rows, V a multiple of 16: the mask is uniform over each 16 bytes already
+        for start in range(0, n_cols, BLOCK):
+            cols = start + lanes
+            mask = cols < n_cols
+            x = tl.load(x_base + cols * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+            r = tl.load(r_base + cols * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
+            m_x, m_r, s_x, s_r, a = _kl_block(x, r, m_x, m_r, s_x, s_r, a)
 
     sum_x = tl.sum(s_x, 0)
     kl = tl.sum(a, 0) / sum_x - (m_x - m_r) - (tl.log2(sum_x) - tl.log2(tl.sum(s_r, 0))) * _LN2
@@ -140,11 +149,11 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
             n_rows = kl[index].numel()
             if n_rows == 0:
                 continue
-            align = row_alignment(logits, x_layout)
+            launch = aligned_block(block, n_cols, logits, x_layout, ref_logits, r_layout)
             _full_kl_kernel[(n_rows,)](
                 logits[index], ref_logits[index], kl[index],
-                n_cols, *x_layout, *r_layout, **aligned_block(block, align),
-                R_ALIGNED=align > 1 and r_layout == x_layout and ref_logits.dtype == logits.dtype,
-                num_warps=num_warps,
+                n_cols, *x_layout, *r_layout,
+                BLOCK=launch["BLOCK"], ALIGN=launch["ALIGN"], RAGGED=launch["RAGGED"],
+                R_ALIGNED=launch["OTHER_ALIGNED"], num_warps=num_warps,
             )
     return kl

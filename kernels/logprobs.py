@@ -15,11 +15,12 @@ construction: both terms are ≤ 0), H = ln2·(log2 s − a/s). Keeping every su
 running max avoids the cancellation of lse − Σ p·y when logits are large. All arithmetic is
 float32 whatever the input dtype.
 
-Blocks start on 16-byte boundaries whatever V is (an odd V puts rows off them): when columns
-are contiguous a row's lanes begin `head` = (row offset mod ALIGN) into its first block. Only
-the first and the last block of a row are masked; the ones between are loaded unmasked, so
-the compiler emits 128-bit loads for them (a mask against a V that is not a multiple of 16,
-or an unknown row alignment, would make every load element-wide).
+Rows stream as 128-bit loads whatever V is. When V and the row strides are multiples of 16
+elements, one masked loop over the row vectorises as it is. Otherwise (RAGGED: an odd V such as
+GPT-2's 50257 puts rows off 16-byte boundaries and ends them mid-way through 16 bytes, and such
+a mask makes every load element-wide) the blocks start on 16-byte boundaries, the row's lanes
+begin `head` = (row offset mod ALIGN) into the first block, and only the first and the last
+block are masked; the blocks between load unmasked (_launch.aligned_block decides).
 
 Backward recomputes p_v = 2^{(z_v − m)·log2(e)/T − log2 s} from the two float32 numbers
 per row the forward saved (m, log2 s), and writes the gradient in the logits' dtype —
@@ -38,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import aligned_block, check_column_offsets, device_guard, row_alignment, row_pieces, vocab_block
+from ._launch import aligned_block, check_column_offsets, device_guard, row_pieces, vocab_block
 
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
@@ -80,13 +81,12 @@ def _logprobs_forward_kernel(
     RETURN_ENTROPY: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,  # elements per 16 bytes when columns are contiguous, else 1
+    RAGGED: tl.constexpr,  # rows off 16-byte boundaries or V not a multiple of 16 (see the module doc)
 ):
     row = tl.program_id(0)
     outer, inner = (row // n_inner).to(tl.int64), (row % n_inner).to(tl.int64)
     offset = outer * stride_outer + inner * stride_inner  # int64: N·V may pass 2**31
-    # Blocks start on 16-byte boundaries whatever V is: lanes [head, head + V) hold the row. Only
-    # the first and the last block need a mask; the blocks between load 128 bits per thread.
-    head = offset % ALIGN
+    head = offset % ALIGN if RAGGED else 0  # lanes [head, head + V) of the aligned blocks hold the row
     x_base = logits_ptr + tl.multiple_of(offset - head, ALIGN)
     total = head + n_cols
     lanes = tl.arange(0, BLOCK)
@@ -94,15 +94,21 @@ def _logprobs_forward_kernel(
     m = -float("inf")  # running max of the raw logits
     s = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ 2^t, t relative to m
     a = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ 2^t · t (entropy only)
-    z = tl.load(x_base + lanes * stride_col, mask=(lanes >= head) & (lanes < total), other=-float("inf"))
-    m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
-    end = (total // BLOCK) * BLOCK
-    for start in range(BLOCK, end, BLOCK):
-        z = tl.load(x_base + (start + lanes) * stride_col)
+    if RAGGED:  # masked first and last blocks, unmasked 128-bit loads between
+        z = tl.load(x_base + lanes * stride_col, mask=(lanes >= head) & (lanes < total), other=-float("inf"))
         m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
-    if (end >= BLOCK) & (end < total):
-        z = tl.load(x_base + (end + lanes) * stride_col, mask=end + lanes < total, other=-float("inf"))
-        m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
+        end = (total // BLOCK) * BLOCK
+        for start in range(BLOCK, end, BLOCK):
+            z = tl.load(x_base + (start + lanes) * stride_col)
+            m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
+        if (end >= BLOCK) & (end < total):
+            z = tl.load(x_base + (end + lanes) * stride_col, mask=end + lanes < total, other=-float("inf"))
+            m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
+    else:  # aligned rows, V a multiple of 16: the mask is uniform over each 16 bytes already
+        for start in range(0, n_cols, BLOCK):
+            cols = start + lanes
+            z = tl.load(x_base + cols * stride_col, mask=cols < n_cols, other=-float("inf"))
+            m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
 
     log2_sum = tl.log2(tl.sum(s, 0))  # ≥ 0: the max element alone contributes 2^0
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -153,6 +159,7 @@ def _logprobs_backward_kernel(
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,  # elements per 16 bytes when the logits' columns are contiguous, else 1
     G_ALIGNED: tl.constexpr,  # the gradient has the logits' row layout and dtype: the same 16-byte phase
+    RAGGED: tl.constexpr,  # rows off 16-byte boundaries or V not a multiple of 16
 ):
     row = tl.program_id(0)
     x_outer, x_inner = (row // x_n_inner).to(tl.int64), (row % x_n_inner).to(tl.int64)
@@ -160,7 +167,7 @@ def _logprobs_backward_kernel(
     x_offset = x_outer * x_stride_outer + x_inner * x_stride_inner
     g_offset = g_outer * g_stride_outer + g_inner * g_stride_inner
     # Blocks on 16-byte boundaries, as in the forward: lanes [head, head + V) hold the row.
-    head = x_offset % ALIGN
+    head = x_offset % ALIGN if RAGGED else 0
     x_base = logits_ptr + tl.multiple_of(x_offset - head, ALIGN)
     if G_ALIGNED:
         g_base = grad_ptr + tl.multiple_of(g_offset - head, ALIGN)
@@ -180,22 +187,31 @@ def _logprobs_backward_kernel(
         entropy = tl.load(entropy_ptr + row)
     out_ty = grad_ptr.dtype.element_ty
 
-    mask = (lanes >= head) & (lanes < total)
-    z = tl.load(x_base + lanes * x_stride_col, mask=mask, other=0.0).to(tl.float32)
-    grad = _backward_block(z, lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale, ENTROPY_GRAD)
-    tl.store(g_base + lanes * g_stride_col, grad.to(out_ty), mask=mask)
-    end = (total // BLOCK) * BLOCK
-    for start in range(BLOCK, end, BLOCK):
-        z = tl.load(x_base + (start + lanes) * x_stride_col).to(tl.float32)
-        grad = _backward_block(z, start + lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,
+    if RAGGED:  # masked first and last blocks, unmasked 128-bit accesses between
+        mask = (lanes >= head) & (lanes < total)
+        z = tl.load(x_base + lanes * x_stride_col, mask=mask, other=0.0).to(tl.float32)
+        grad = _backward_block(z, lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,
                                ENTROPY_GRAD)
-        tl.store(g_base + (start + lanes) * g_stride_col, grad.to(out_ty))
-    if (end >= BLOCK) & (end < total):
-        mask = end + lanes < total
-        z = tl.load(x_base + (end + lanes) * x_stride_col, mask=mask, other=0.0).to(tl.float32)
-        grad = _backward_block(z, end + lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,
-                               ENTROPY_GRAD)
-        tl.store(g_base + (end + lanes) * g_stride_col, grad.to(out_ty), mask=mask)
+        tl.store(g_base + lanes * g_stride_col, grad.to(out_ty), mask=mask)
+        end = (total // BLOCK) * BLOCK
+        for start in range(BLOCK, end, BLOCK):
+            z = tl.load(x_base + (start + lanes) * x_stride_col).to(tl.float32)
+            grad = _backward_block(z, start + lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,
+                                   ENTROPY_GRAD)
+            tl.store(g_base + (start + lanes) * g_stride_col, grad.to(out_ty))
+        if (end >= BLOCK) & (end < total):
+            mask = end + lanes < total
+            z = tl.load(x_base + (end + lanes) * x_stride_col, mask=mask, other=0.0).to(tl.float32)
+            grad = _backward_block(z, end + lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,
+                                   ENTROPY_GRAD)
+            tl.store(g_base + (end + lanes) * g_stride_col, grad.to(out_ty), mask=mask)
+    else:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + lanes
+            mask = cols < n_cols
+            z = tl.load(x_base + cols * x_stride_col, mask=mask, other=0.0).to(tl.float32)
+            grad = _backward_block(z, cols, m, log2_sum, label, g_logp, g_entropy, entropy, scale, ENTROPY_GRAD)
+            tl.store(g_base + cols * g_stride_col, grad.to(out_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -233,13 +249,14 @@ def _forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ret
             n_rows = logp[index].numel()
             if n_rows == 0:
                 continue
+            launch = aligned_block(block, n_cols, logits, layout)
             _logprobs_forward_kernel[(n_rows,)](
                 logits[index], labels[index], logp[index],
                 entropy[index] if return_entropy else logp[index],
                 row_max[index], log2_sum[index],
                 n_cols, *layout, scale,
-                RETURN_ENTROPY=return_entropy, **aligned_block(block, row_alignment(logits, layout)),
-                num_warps=num_warps,
+                RETURN_ENTROPY=return_entropy, BLOCK=launch["BLOCK"], ALIGN=launch["ALIGN"],
+                RAGGED=launch["RAGGED"], num_warps=num_warps,
             )
     return logp, entropy, row_max, log2_sum
 
@@ -267,15 +284,15 @@ def _backward(logits, labels, row_max, log2_sum, temperature, grad_logp, entropy
             n_rows = row_max[index].numel()
             if n_rows == 0:
                 continue
-            align = row_alignment(logits, x_layout)
+            launch = aligned_block(block, n_cols, logits, x_layout, out, g_layout)
             _logprobs_backward_kernel[(n_rows,)](
                 logits[index], out[index], labels[index], row_max[index], log2_sum[index], grad_logp[index],
                 entropy[index] if entropy_grad else grad_logp[index],
                 grad_entropy[index] if entropy_grad else grad_logp[index],
                 n_cols, *x_layout, *g_layout,
                 LOG2E / float(temperature), 1.0 / float(temperature),
-                ENTROPY_GRAD=entropy_grad, **aligned_block(block, align),
-                G_ALIGNED=align > 1 and g_layout == x_layout and out.dtype == logits.dtype, num_warps=num_warps,
+                ENTROPY_GRAD=entropy_grad, BLOCK=launch["BLOCK"], ALIGN=launch["ALIGN"], RAGGED=launch["RAGGED"],
+                G_ALIGNED=launch["OTHER_ALIGNED"], num_warps=num_warps,
             )
     return out
 

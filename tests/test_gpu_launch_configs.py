@@ -120,13 +120,15 @@ def test_linear_logprobs_forward_and_backward():
         torch.testing.assert_close(got, expected, **tol(got.dtype))
 
 
+@pytest.mark.parametrize("vocab", [9001, 9216], ids=["ragged-V9001", "aligned-V9216"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
-def test_odd_vocabulary_rows_off_16_byte_boundaries(inplace):
-    """V = 9001 in [2, 4, V] read through `[:, :-1]`: rows start at every phase of a 16-byte group, so
+def test_vocabulary_rows_at_every_16_byte_phase(inplace, vocab):
+    """[2, 4, V] read through `[:, :-1]`. V = 9001: rows start at every phase of a 16-byte group, so
     the masked first block holds 0–7 lanes before the row, then one unmasked 4096-column block,
-    then a masked tail. A new gradient buffer has another row layout than the logits (its phase
-    differs), the in-place one the same."""
-    vocab = 9001
+    then a masked tail; a new gradient buffer has another row layout than the logits (another
+    phase), the in-place one the same. V = 9216 (a multiple of 16): the single masked loop."""
+    layout = _launch.row_layout(torch.empty(2, 4, vocab).bfloat16()[:, :-1])
+    assert _launch.aligned_block(4096, vocab, torch.empty(1).bfloat16(), layout)["RAGGED"] == (vocab % 16 != 0)
     generator = torch.Generator().manual_seed(6)
     base = torch.randn(2, 4, vocab, generator=generator).bfloat16()
     ref_base = torch.randn(2, 4, vocab, generator=generator).bfloat16()
