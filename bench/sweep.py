@@ -35,6 +35,7 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
 
+import machine  # noqa: E402  (bench/, beside this script)
 from fastppo import ops, reference  # noqa: E402
 from fastppo.kernels import _launch  # noqa: E402
 
@@ -75,17 +76,6 @@ class Clock:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
-
-
-def ceilings(device: torch.device, clock: Clock) -> dict:
-    n_bytes = (1 << 30) if clock.cuda else (1 << 20)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    copy_gbps = 2 * n_bytes / (clock.ms(lambda: dst.copy_(src)) / 1e3) / 1e9
-    n = 8192 if clock.cuda else 256
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    matmul_tflops = 2 * n**3 / (clock.ms(lambda: a @ b) / 1e3) / 1e12
-    return {"copy_GBps": copy_gbps, "matmul_TFLOPs": matmul_tflops}
 
 
 def close(got, expected, rtol, atol) -> bool:
@@ -248,7 +238,7 @@ def main(argv=None) -> int:
         parser.error("no CUDA device: only --smoke runs on CPU")
     shapes = SHAPES["smoke" if args.smoke else "gpu"]
     clock = Clock(device)
-    limits = ceilings(device, clock)
+    limits = machine.measure_ceilings(device, smoke=args.smoke)  # the same ceilings as bench/run.sh
     wanted = set(args.ops.split(","))
     rows = []
     with contextlib.ExitStack() as stack:
@@ -284,7 +274,7 @@ def main(argv=None) -> int:
                     row["peak_extra_GB"] = peak_extra(run, device)
                     rows.append(row)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter, smoke)'}; "
-          f"copy {limits['copy_GBps']:.0f} GB/s, bf16 matmul {limits['matmul_TFLOPs']:.1f} TFLOP/s")
+          f"copy {limits['copy_GBps']:.0f} GB/s, {limits['matmul_dtype']} matmul {limits['matmul_TFLOPs']:.1f} TFLOP/s")
     print("| op | config | ok | ms | rate | % of ceiling | peak extra GB |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

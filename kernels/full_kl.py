@@ -85,7 +85,6 @@ def _full_kl_kernel(
         r_base = r_ptr + tl.multiple_of(r_offset - head, ALIGN)
     else:  # lane l is column l − head
         r_base = r_ptr + r_offset - head * r_stride_col
-    total = head + n_cols
     lanes = tl.arange(0, BLOCK)
 
     m_x = -float("inf")
@@ -94,6 +93,7 @@ def _full_kl_kernel(
     s_r = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{r − m_r}
     a = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ e^{x − m_x}·(x − r)
     if RAGGED:  # masked first and last blocks, unmasked 128-bit loads between
+        total = head + n_cols
         mask = (lanes >= head) & (lanes < total)
         x = tl.load(x_base + lanes * x_stride_col, mask=mask, other=-float("inf")).to(tl.float32)
         r = tl.load(r_base + lanes * r_stride_col, mask=mask, other=-float("inf")).to(tl.float32)

@@ -88,13 +88,13 @@ def _logprobs_forward_kernel(
     offset = outer * stride_outer + inner * stride_inner  # int64: N·V may pass 2**31
     head = offset % ALIGN if RAGGED else 0  # lanes [head, head + V) of the aligned blocks hold the row
     x_base = logits_ptr + tl.multiple_of(offset - head, ALIGN)
-    total = head + n_cols
     lanes = tl.arange(0, BLOCK)
 
     m = -float("inf")  # running max of the raw logits
     s = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ 2^t, t relative to m
     a = tl.zeros([BLOCK], dtype=tl.float32)  # per lane Σ 2^t · t (entropy only)
     if RAGGED:  # masked first and last blocks, unmasked 128-bit loads between
+        total = head + n_cols
         z = tl.load(x_base + lanes * stride_col, mask=(lanes >= head) & (lanes < total), other=-float("inf"))
         m, s, a = _forward_block(z.to(tl.float32), m, s, a, scale, RETURN_ENTROPY)
         end = (total // BLOCK) * BLOCK
@@ -173,7 +173,6 @@ def _logprobs_backward_kernel(
         g_base = grad_ptr + tl.multiple_of(g_offset - head, ALIGN)
     else:  # lane l is column l − head
         g_base = grad_ptr + g_offset - head * g_stride_col
-    total = head + n_cols
     lanes = tl.arange(0, BLOCK)
 
     m = tl.load(row_max_ptr + row)
@@ -188,6 +187,7 @@ def _logprobs_backward_kernel(
     out_ty = grad_ptr.dtype.element_ty
 
     if RAGGED:  # masked first and last blocks, unmasked 128-bit accesses between
+        total = head + n_cols
         mask = (lanes >= head) & (lanes < total)
         z = tl.load(x_base + lanes * x_stride_col, mask=mask, other=0.0).to(tl.float32)
         grad = _backward_block(z, lanes - head, m, log2_sum, label, g_logp, g_entropy, entropy, scale,

@@ -100,6 +100,14 @@ def assert_within_one_ulp(kernel: torch.Tensor, exact: torch.Tensor, atol: Optio
 # --------------------------------------------------------------------------- allocations
 
 
+def new_outputs(args, kwargs, out):
+    """The strided tensors among an op's outputs whose storage is none of its inputs' (new memory)."""
+    input_storages = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
+                      if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided}
+    return [tensor for tensor in tree_leaves(out) if isinstance(tensor, torch.Tensor)
+            and tensor.layout == torch.strided and tensor.untyped_storage().data_ptr() not in input_storages]
+
+
 class LargeAllocations(TorchDispatchMode):
     """Record every op that creates new storage of at least `min_numel` elements.
 
@@ -116,12 +124,8 @@ class LargeAllocations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        input_storages = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
-                          if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided}
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            if tensor.numel() >= self.min_numel and tensor.untyped_storage().data_ptr() not in input_storages:
+        for tensor in new_outputs(args, kwargs, out):
+            if tensor.numel() >= self.min_numel:
                 self.found.append((str(func), tuple(tensor.shape)))
         return out
 
@@ -147,14 +151,10 @@ class PeakLiveBytes(TorchDispatchMode):
                 del self.live[key]
                 self.current -= n_bytes
         out = func(*args, **kwargs)
-        input_storages = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
-                          if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided}
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-                continue
+        for tensor in new_outputs(args, kwargs, out):
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
-            if key in input_storages or key in self.live or storage.nbytes() == 0:
+            if key in self.live or storage.nbytes() == 0:
                 continue
             self.live[key] = (StorageWeakRef(storage), storage.nbytes())
             self.current += storage.nbytes()
