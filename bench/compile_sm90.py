@@ -148,10 +148,11 @@ def exercise_every_kernel(tool: AheadOfTime) -> None:
         kernel_for("gae")(tensors[0], tensors[1], mask, 1.0, 0.95)
         for shift_mean in (True, False):
             kernel_for("masked_whiten")(tensors[2], mask, shift_mean)
-        for dual_clip in (None, 3.0):
+        # dual clip, and the truncated importance weights of rollout log-probs (here bf16, as an engine's)
+        for dual_clip, rollout in ((None, None), (3.0, None), (None, tensors[5].bfloat16()), (3.0, tensors[5])):
             leaves = [tensors[0].clone().requires_grad_(), tensors[2].clone().requires_grad_()]
             out = kernel_for("ppo_loss")(leaves[0], tensors[1], leaves[1], *tensors[3:], mask, 0.2, 0.2, 0.1,
-                                         dual_clip=dual_clip)
+                                         dual_clip=dual_clip, rollout_logprobs=rollout)
             torch.autograd.grad(out.loss, leaves)
 
 

@@ -35,6 +35,12 @@ Usage::
     python examples/quickstart.py                       # defaults: SmolLM2-135M-Instruct on CPU
     python examples/quickstart.py --steps 40 --device cuda
     python examples/quickstart.py --model gpt2          # any causal LM (local path or hub name)
+    python examples/quickstart.py --rollout-engine vllm # rollouts sampled by a colocated vLLM engine
+
+Each step's line gives the generation speed (new tokens per second of `trainer.generate`);
+the run ends with the median over steps, so the two engines can be compared side by side.
+With ``--rollout-engine vllm`` the engine's log-probs go to ``step`` (``rollout_logprobs``),
+which reports how far they are from the trained policy's (``rollout/logprob_diff_max``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import random
 import re
 import sys
@@ -153,6 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="fastppo kernel backend (PPOConfig.backend)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the SmolLM2 checkpoint is prepared")
+    p.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"],
+                   help="what samples the answers (PPOConfig.rollout_engine)")
+    p.add_argument("--rollout-correction", default=None, choices=["tis"],
+                   help="truncated importance sampling against the engine's log-probs (vllm only)")
     return p.parse_args(argv)
 
 
@@ -234,6 +245,8 @@ def main(argv=None) -> dict:
         steps=args.steps * args.batch_size,
         backend=args.backend,
         accelerator_kwargs={"cpu": True} if args.device == "cpu" else {},
+        rollout_engine=args.rollout_engine,
+        rollout_correction=args.rollout_correction,
     )
     trainer = PPOTrainer(config, model, ref_model, tokenizer)
     device = trainer.accelerator.device if hasattr(trainer, "accelerator") else torch.device(args.device)
@@ -249,7 +262,9 @@ def main(argv=None) -> dict:
     prompts = [format_prompt(tokenizer, p) for p in PROMPTS]
     rng = random.Random(args.seed)
     print(f"PPO: {args.steps} steps x {args.batch_size} answers x {args.max_new_tokens} new tokens "
-          f"on {device}, backend={args.backend}  (setup {time.time() - t_start:.0f} s)", flush=True)
+          f"on {device}, backend={args.backend}, rollout engine {args.rollout_engine}  "
+          f"(setup {time.time() - t_start:.0f} s)", flush=True)
+    engine_logprobs = args.rollout_engine == "vllm"  # step then reports the engine-vs-policy mismatch
 
     # 3. Training loop ------------------------------------------------------------------
     history: list[dict] = []
@@ -260,15 +275,18 @@ def main(argv=None) -> dict:
         idx = [rng.randrange(len(prompts)) for _ in range(args.batch_size)]
         query_tensors = [tokenizer.encode(prompts[i], return_tensors="pt")[0].to(device) for i in idx]
 
-        response_tensors = trainer.generate(
-            query_tensors, return_prompt=False, batch_size=args.batch_size, **generation_kwargs
+        generated = trainer.generate(
+            query_tensors, return_prompt=False, batch_size=args.batch_size, return_logprobs=engine_logprobs,
+            **generation_kwargs
         )
+        response_tensors, rollout_logprobs = generated if engine_logprobs else (generated, None)
         t_gen = time.time() - t_step
+        new_tokens = sum(len(r) for r in response_tensors)
         responses = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
         rewards = [sentiment_reward(r) for r in responses]
         scores = [torch.tensor(r, dtype=torch.float32, device=device) for r in rewards]
 
-        stats = trainer.step(query_tensors, response_tensors, scores)
+        stats = trainer.step(query_tensors, response_tensors, scores, rollout_logprobs=rollout_logprobs)
 
         row = {
             "step": step,
@@ -280,6 +298,9 @@ def main(argv=None) -> dict:
             "total_loss": float(stats["ppo/loss/total"]),
             "seconds": time.time() - t_step,
             "generate_seconds": t_gen,
+            "generate_tokens": new_tokens,
+            "generate_tokens_per_s": new_tokens / t_gen,
+            "rollout_logprob_diff_max": float(stats.get("rollout/logprob_diff_max", float("nan"))),
             "rollout_seconds": float(stats.get("time/ppo/forward_pass", float("nan"))),
             "optimize_seconds": float(stats.get("time/ppo/optimize_step", float("nan"))),
         }
@@ -291,7 +312,8 @@ def main(argv=None) -> dict:
         tqdm.write(
             f"step {step:3d} | reward {row['reward_mean']:6.3f} | kl {row['kl']:6.3f} "
             f"(coef {row['kl_coef']:.3f}) | policy loss {row['pg_loss']:7.4f} | "
-            f"total loss {row['total_loss']:7.4f} | {row['seconds']:5.1f} s (generate {t_gen:.1f} s)"
+            f"total loss {row['total_loss']:7.4f} | {row['seconds']:5.1f} s (generate {t_gen:.1f} s, "
+            f"{row['generate_tokens_per_s']:.0f} tok/s)"
         )
     bar.close()
 
@@ -300,6 +322,11 @@ def main(argv=None) -> dict:
     start = sum(h["reward_mean"] for h in history[:k]) / k
     end = sum(h["reward_mean"] for h in history[-k:]) / k
     print(f"\nmean reward: first {k} steps {start:.3f}  ->  last {k} steps {end:.3f}  ({end - start:+.3f})")
+    speeds = [h["generate_tokens_per_s"] for h in history[1:]] or [history[0]["generate_tokens_per_s"]]
+    print(f"generation ({args.rollout_engine}): median {statistics.median(speeds):.0f} tok/s over steps 2..{len(history)} "
+          f"(step 1: {history[0]['generate_tokens_per_s']:.0f} tok/s, engine start-up included)")
+    if engine_logprobs:
+        print(f"engine vs policy log-probs: max |diff| {max(h['rollout_logprob_diff_max'] for h in history):.2e}")
     for tag in ("first", "last"):
         print(f"\nsample answers at the {tag} step:")
         for prompt, response in samples.get(tag, []):
@@ -331,7 +358,8 @@ def main(argv=None) -> dict:
     print(f"\nreloaded with AutoModelForCausalLM.from_pretrained({model_dir!r}):")
     print(f"  [{HELD_OUT_PROMPT}] {answer!r}  (reward {sentiment_reward(answer):.0f})")
     print(f"\ntotal wall time: {time.time() - t_start:.0f} s")
-    return {"history": history, "start_reward": start, "end_reward": end, "curve": curve_path, "model_dir": model_dir}
+    return {"history": history, "start_reward": start, "end_reward": end, "curve": curve_path, "model_dir": model_dir,
+            "generate_tokens_per_s": statistics.median(speeds)}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ from typing import Any, Optional
 
 KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
 BACKENDS = ("auto", "torch", "triton")
+ROLLOUT_ENGINES = ("hf", "vllm")
+ROLLOUT_CORRECTIONS = (None, "tis")
+# vllm.LLM arguments fastppo sets itself: the engine is built from the policy, not from a checkpoint.
+VLLM_RESERVED = ("model", "tokenizer", "load_format", "skip_tokenizer_init", "generation_config")
 
 
 def _default_exp_name() -> str:
@@ -132,6 +136,14 @@ class PPOConfig:
     """Log-probs straight from hidden states and the LM head weight (`ops.linear_logprobs`), never holding [N, V] logits; implies response_only_logits."""
     rollout_batch_size: Optional[int] = None
     """Rows per forward pass of the no-grad rollout (policy and reference); None: mini_batch_size, as TRL."""
+    rollout_engine: str = "hf"
+    """Engine that samples `generate`'s responses: "hf" (the model's own generate, as TRL) or "vllm" (colocated vLLM, synced with the policy)."""
+    vllm_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for `vllm.LLM` with rollout_engine="vllm" (e.g. gpu_memory_utilization, max_model_len, enable_sleep_mode)."""
+    rollout_correction: Optional[str] = None
+    """With `step(..., rollout_logprobs=...)`: None (TRL's loss) or "tis" (scale each token's policy loss by a truncated importance weight)."""
+    rollout_is_cap: float = 2.0
+    """Cap of rollout_correction="tis"'s weight min(exp(old_logprob - rollout_logprob), rollout_is_cap)."""
 
     def __post_init__(self) -> None:
         if self.optimize_cuda_cache is not None:
@@ -185,6 +197,18 @@ class PPOConfig:
         if self.fused_lm_head and self.kl_penalty == "full":
             raise ValueError("PPOConfig.fused_lm_head=True cannot compute kl_penalty='full' (it needs full logits); "
                              "use response_only_logits=True instead")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"PPOConfig.rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
+        if not isinstance(self.vllm_kwargs, dict):
+            raise ValueError(f"PPOConfig.vllm_kwargs must be a dict, got {type(self.vllm_kwargs).__name__}")
+        reserved = [name for name in VLLM_RESERVED if name in self.vllm_kwargs]
+        if reserved:
+            raise ValueError(f"PPOConfig.vllm_kwargs must not set {reserved[0]!r}: fastppo builds the engine from the "
+                             "policy it trains and feeds it the policy's weights")
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(f"PPOConfig.rollout_correction must be one of {ROLLOUT_CORRECTIONS}, "
+                             f"got {self.rollout_correction!r}")
+        _require(self, "rollout_is_cap", lambda v: v > 0, "a positive number")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True")
 

@@ -19,6 +19,7 @@ class StepInputs(NamedTuple):
     responses: list  # B × [Lr]
     scores: torch.Tensor  # [B] float32
     response_masks: Optional[list]  # B × [Lr] or None
+    rollout_logprobs: Optional[list]  # B × [Lr] float32 or None
 
 
 def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -134,11 +135,41 @@ def check_response_masks(response_masks, responses: Sequence[torch.Tensor], devi
     return [mask.long() for mask in checked]
 
 
+def check_rollout_logprobs(rollout_logprobs, responses: Sequence[torch.Tensor], device: torch.device) -> Optional[list]:
+    """Optional per-response float log-probs from the rollout engine: each the shape of its response,
+    finite and ≤ 0 → float32 on `device`."""
+    if rollout_logprobs is None:
+        return None
+    if not isinstance(rollout_logprobs, (list, tuple)):
+        raise TypeError(f"rollout_logprobs must be a list of 1-D float tensors or None, got {type(rollout_logprobs).__name__}")
+    if len(rollout_logprobs) != len(responses):
+        raise ValueError(f"rollout_logprobs has {len(rollout_logprobs)} items but responses has {len(responses)}")
+    checked = []
+    for i, (logprobs, response) in enumerate(zip(rollout_logprobs, responses)):
+        name = f"rollout_logprobs[{i}]"
+        if not isinstance(logprobs, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(logprobs).__name__}")
+        if not logprobs.is_floating_point():
+            raise TypeError(f"{name} must hold floating-point log-probs, got dtype {logprobs.dtype}")
+        if logprobs.shape != response.shape:
+            raise ValueError(f"{name} has shape {tuple(logprobs.shape)} but responses[{i}] has shape {tuple(response.shape)}")
+        checked.append(check_device(name, logprobs, device).float())
+    flat = torch.cat(checked)
+    if not bool((torch.isfinite(flat) & (flat <= 0)).all()):  # one host sync for the batch
+        for i, logprobs in enumerate(checked):
+            bad = ~(torch.isfinite(logprobs) & (logprobs <= 0))
+            if bool(bad.any()):
+                j = int(bad.nonzero()[0, 0])
+                raise ValueError(f"rollout_logprobs[{i}][{j}] is {float(logprobs[j])}; log-probs must be finite and <= 0")
+    return checked
+
+
 def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
-                      device: torch.device) -> StepInputs:
+                      device: torch.device, rollout_logprobs=None) -> StepInputs:
     """All of `step`'s arguments, checked and moved to `device`."""
     queries = check_token_list("queries", queries, vocab_size, device, batch_size)
     responses = check_token_list("responses", responses, vocab_size, device, batch_size)
     scores = check_scores(scores, batch_size, device)
     masks = check_response_masks(response_masks, responses, device)
-    return StepInputs(queries, responses, scores, masks)
+    rollout_logprobs = check_rollout_logprobs(rollout_logprobs, responses, device)
+    return StepInputs(queries, responses, scores, masks, rollout_logprobs)

@@ -14,6 +14,8 @@ the eager reference (`fastppo.reference`). Backend choice:
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 from typing import Callable, Optional
 
@@ -250,22 +252,37 @@ def ppo_loss(
     vf_coef: float,
     backend: Optional[str] = None,
     dual_clip: Optional[float] = None,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    rollout_is_cap: float = 2.0,
 ) -> PPOLossOutput:
     """Clipped policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
 
     Returns a `PPOLossOutput` (losses with gradient w.r.t. logprobs and values, plus the
     mini-batch statistics). All inputs `[B, T]`, one device. `dual_clip` = c > 1 bounds the
     loss of negative-advantage tokens at −A·c (dual-clip PPO); None is TRL's loss.
+    `rollout_logprobs` `[B, T]` (float): the log-probs of the engine that sampled the tokens
+    (e.g. vLLM); given, each token's policy loss is weighted by the truncated importance weight
+    min(exp(old_logprobs − rollout_logprobs), rollout_is_cap) (no gradient through it), and
+    `tis_weight_mean` / `tis_clipfrac` report it; None (default) leaves the loss as it was.
+    Raises TypeError/ValueError naming the argument on wrong types, shapes, devices or values.
     """
     names = [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("values", values),
              ("old_values", old_values), ("advantages", advantages), ("returns", returns), ("mask", mask)]
     _check_token_tensors(names, floating=tuple(name for name, _ in names[:-1]))
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
         raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
+    if rollout_logprobs is not None:
+        _check_token_tensors([("logprobs", logprobs), ("rollout_logprobs", rollout_logprobs)],
+                             floating=("rollout_logprobs",))
+    if isinstance(rollout_is_cap, bool) or not isinstance(rollout_is_cap, numbers.Real):
+        raise TypeError(f"rollout_is_cap must be a number, got {type(rollout_is_cap).__name__}")
+    if not (math.isfinite(rollout_is_cap) and rollout_is_cap > 0):
+        raise ValueError(f"rollout_is_cap must be a finite number > 0, got {rollout_is_cap!r}")
     impl = _implementation("ppo_loss", backend, logprobs.device)
     return impl(logprobs, old_logprobs, values, old_values, advantages, returns, mask,
                 float(cliprange), float(cliprange_value), float(vf_coef),
-                dual_clip=float(dual_clip) if dual_clip is not None else None)
+                dual_clip=float(dual_clip) if dual_clip is not None else None,
+                rollout_logprobs=rollout_logprobs, rollout_is_cap=float(rollout_is_cap))
 
 
 

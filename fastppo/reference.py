@@ -163,6 +163,10 @@ class PPOLossOutput(NamedTuple):
     value_error: torch.Tensor  # mean (v − returns)²
     ratio: torch.Tensor  # [B, T], detached
     pg_clipfrac_lower: torch.Tensor  # dual-clip: share of tokens held at −A·dual_clip (0 without it)
+    # truncated importance sampling (only with rollout_logprobs, else None): mean of
+    # w = min(exp(old − rollout), cap), and the share of tokens whose exp(old − rollout) exceeds the cap
+    tis_weight_mean: Optional[torch.Tensor] = None
+    tis_clipfrac: Optional[torch.Tensor] = None
 
 
 def ppo_loss(
@@ -177,12 +181,19 @@ def ppo_loss(
     cliprange_value: float,
     vf_coef: float,
     dual_clip: Optional[float] = None,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    rollout_is_cap: float = 2.0,
 ) -> PPOLossOutput:
     """Clipped PPO policy loss + clipped value loss, masked means over `[B, T]`.
 
     Gradients flow to `logprobs` and `values`; the other inputs are constants. `dual_clip`
     = c > 1 (dual-clip PPO, Ye et al. 2020, veRL's clip_ratio_c): where the advantage is
     negative the token's policy loss is at most −A·c, so a huge ratio cannot blow it up.
+    `rollout_logprobs` `[B, T]` (any float dtype): each token's log-prob under the engine that
+    sampled it (e.g. vLLM). Given, each token's policy loss (after the clip and the dual clip) is
+    multiplied by the truncated importance weight w = min(exp(old − rollout), rollout_is_cap), a
+    constant, correcting for the sampler's mismatch with the trained policy; the mean still
+    divides by Σm. None (the default) is the loss without it, and the two tis_* stats are None.
     """
     logprobs, values = logprobs.float(), values.float()
     old_logprobs, old_values = old_logprobs.float(), old_values.float()
@@ -206,6 +217,14 @@ def ppo_loss(
         negative = advantages < 0
         held = (negative & (pg_losses > pg_losses_lower)).float()
         pg_losses = torch.where(negative, torch.minimum(pg_losses, pg_losses_lower), pg_losses)
+    tis = {}
+    if rollout_logprobs is not None:
+        with torch.no_grad():
+            is_ratio = torch.exp(old_logprobs - rollout_logprobs.float())
+            tis_weight = torch.clamp(is_ratio, max=rollout_is_cap)  # w = min(exp(old − rollout), cap)
+            tis = dict(tis_weight_mean=masked_mean(tis_weight, mask),
+                       tis_clipfrac=masked_mean((is_ratio > rollout_is_cap).float(), mask))
+        pg_losses = pg_losses * tis_weight  # after the clip and the dual clip: it weights the token's loss
     pg_loss = masked_mean(pg_losses, mask)
     pg_clipfrac_lower = masked_mean(held, mask)
 
@@ -229,6 +248,7 @@ def ppo_loss(
         value_error=value_error,
         ratio=ratio.detach(),
         pg_clipfrac_lower=pg_clipfrac_lower.detach(),
+        **tis,
     )
 
 

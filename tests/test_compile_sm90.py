@@ -44,10 +44,13 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert all(row["ok"] and row["local"] == 0 and row["registers"] > 0 for row in rows)
     expected = launched_kernels()
     assert len(expected) >= 9 and {row["kernel"] for row in rows} == expected
-    # the configurations a GPU picks: 4096-column vocab blocks over 16 warps, 2048-wide token tiles, dual clip
+    # the configurations a GPU picks: 4096-column vocab blocks over 16 warps, 2048-wide token tiles, dual clip,
+    # rollout importance weights (alone and with the dual clip)
     configs = [row["config"] for row in rows]
     assert any(c.get("BLOCK") == 4096 and c["num_warps"] == 16 for c in configs)
     assert any(c.get("BLOCK_T") == 2048 for c in configs) and any(c.get("DUAL_CLIP") for c in configs)
+    assert any(c.get("ROLLOUT_IS") and not c.get("DUAL_CLIP") for c in configs)
+    assert any(c.get("ROLLOUT_IS") and c.get("DUAL_CLIP") for c in configs)
     # rows stream as 128-bit vector loads in every vocab kernel, also when V is odd (rows off 16-byte
     # boundaries, a ragged end: only the first and last block of a row are masked)
     vocab_rows = [row for row in rows if row["case"].startswith("V=") and "BLOCK" in row["config"]]

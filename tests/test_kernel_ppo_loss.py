@@ -23,6 +23,7 @@ from tolerances import tol  # noqa: E402
 NAMES = ("logprobs", "old_logprobs", "values", "old_values", "advantages", "returns")
 STATS = ("loss", "pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "policykl", "ratio_mean",
          "vpred_mean", "value_error", "ratio", "pg_clipfrac_lower")
+TIS_STATS = ("tis_weight_mean", "tis_clipfrac")  # set only with rollout_logprobs, else None
 # upstream gradients of (loss, pg_loss, vf_loss); None = that output unused
 UPSTREAM = (0.7, -1.3, 2.1)
 
@@ -37,8 +38,14 @@ pytestmark = [
 
 
 
-def _inputs(B, T, seed=0, dtype=torch.float32, mask_dtype=torch.bool, spread=0.3):
-    """Ratios and values spread by `spread` around the old ones: with ε = 0.2 some tokens clip, others not."""
+def _inputs(B, T, seed=0, dtype=torch.float32, mask_dtype=torch.bool, spread=0.3, rollout_spread=None,
+            rollout_dtype=None):
+    """Ratios and values spread by `spread` around the old ones: with ε = 0.2 some tokens clip, others not.
+
+    `rollout_spread`: also rollout_logprobs = old − δ, δ ~ N(0, rollout_spread²) (a generator of its
+    own, so the other inputs stay those of the same seed without it), in `rollout_dtype` (default
+    `dtype`): the importance weights exp(δ) lie on both sides of 1 and, for spread ~0.5, of a cap ~1.5.
+    """
     g = torch.Generator().manual_seed(seed)
     old_logprobs = -torch.rand(B, T, generator=g) * 3
     old_values = torch.randn(B, T, generator=g)
@@ -54,16 +61,23 @@ def _inputs(B, T, seed=0, dtype=torch.float32, mask_dtype=torch.bool, spread=0.3
     if B > 1:
         mask[1] = False  # a fully masked row
     tensors = {k: v.to(dtype).to(DEVICE) for k, v in tensors.items()}
+    if rollout_spread is not None:
+        g_rollout = torch.Generator().manual_seed(seed + 7919)
+        rollout = (old_logprobs - rollout_spread * torch.randn(B, T, generator=g_rollout)).clamp_max(0.0)
+        tensors["rollout_logprobs"] = rollout.to(rollout_dtype or dtype).to(DEVICE)
     return dict(**tensors, mask=mask.to(mask_dtype).to(DEVICE))
 
 
-def _run(fn, inputs, upstream=UPSTREAM, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, dual_clip=None):
+def _run(fn, inputs, upstream=UPSTREAM, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, dual_clip=None,
+         **options):
     """fn's outputs and the gradients of Σ upstream_i·N·(loss, pg_loss, vf_loss)_i w.r.t. logprobs and values.
 
     The factor N (tokens) keeps per-token gradients O(1), so the float32 atol is not vacuous.
+    `options` (e.g. rollout_is_cap) go to fn as they are.
     """
     leaves = {k: (v.detach().clone().requires_grad_() if k in ("logprobs", "values") else v) for k, v in inputs.items()}
-    out = fn(**leaves, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, dual_clip=dual_clip)
+    out = fn(**leaves, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, dual_clip=dual_clip,
+             **options)
     n = inputs["mask"].numel()
     terms = [g * n * x for g, x in zip(upstream, (out.loss, out.pg_loss, out.vf_loss)) if g is not None]
     if terms:
@@ -75,12 +89,18 @@ def _check(inputs, upstream=UPSTREAM, **kwargs):
     out, dlogp, dv = _run(ppo_loss, inputs, upstream, **kwargs)
     expected, expected_dlogp, expected_dv = _run(reference.ppo_loss, inputs, upstream, **kwargs)
     assert isinstance(out, reference.PPOLossOutput)
-    for name in STATS:
+    with_tis = "rollout_logprobs" in inputs
+    for name in STATS + (TIS_STATS if with_tis else ()):
         got, want = getattr(out, name), getattr(expected, name)
         assert got.dtype == torch.float32 and got.shape == want.shape, name
         # same inputs on both sides, float32 math on both: float32 tolerance
         torch.testing.assert_close(got, want, **tol(torch.float32), equal_nan=True, msg=name)
     assert not out.ratio.requires_grad and not out.pg_clipfrac.requires_grad
+    for name in TIS_STATS:
+        if with_tis:
+            assert getattr(out, name).shape == () and not getattr(out, name).requires_grad, name
+        else:
+            assert getattr(out, name) is None and getattr(expected, name) is None, name
     # gradients come back in the input dtype: one rounding to it may differ
     grad_tol = tol(inputs["logprobs"].dtype)
     for got, want in ((dlogp, expected_dlogp), (dv, expected_dv)):
@@ -183,6 +203,137 @@ def test_dual_clip_must_exceed_one():
             ops.ppo_loss(*(inputs[k] for k in NAMES), inputs["mask"], 0.2, 0.2, 0.1, dual_clip=bad)
 
 
+# --------------------------------------------------------------------------- truncated importance sampling
+
+
+def test_without_rollout_logprobs_the_tis_stats_are_none():
+    """The default path (ROLLOUT_IS=False): today's outputs, checked against the reference by _check,
+    and no TIS statistics on either side."""
+    inputs = _inputs(3, 13, seed=20)
+    out, _, _ = _check(inputs)
+    out_dual, _, _ = _check(inputs, dual_clip=2.0)
+    for result in (out, out_dual, ops.ppo_loss(*(inputs[k] for k in NAMES), inputs["mask"], 0.2, 0.2, 0.1,
+                                                  backend="triton")):
+        assert result.tis_weight_mean is None and result.tis_clipfrac is None
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("dtype,rollout_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_tis_matches_reference(dtype, rollout_dtype, dual_clip):
+    """The cap (1.5) binds for some tokens and not others; other weights are below 1."""
+    inputs = _inputs(5, 37, seed=21, dtype=dtype, spread=1.0, rollout_spread=0.5, rollout_dtype=rollout_dtype)
+    out, _, _ = _check(inputs, dual_clip=dual_clip, rollout_is_cap=1.5)
+    assert 0.05 < out.tis_clipfrac < 0.5
+    weights = torch.exp(inputs["old_logprobs"].float() - inputs["rollout_logprobs"].float())[inputs["mask"]]
+    assert (weights < 0.9).any() and ((weights > 1.1) & (weights < 1.5)).any()
+    plain, _, _ = _check({k: v for k, v in inputs.items() if k != "rollout_logprobs"}, dual_clip=dual_clip)
+    assert not torch.allclose(out.pg_loss, plain.pg_loss)  # the weights changed the loss ...
+    for name in ("vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio_mean", "pg_clipfrac_lower"):
+        assert torch.equal(getattr(out, name), getattr(plain, name)), name  # ... and nothing else
+
+
+@pytest.mark.parametrize("upstream", [(1.0, None, None), (None, -2.0, None), (None, None, 0.5), (0.0, 1.0, 1.0)])
+def test_tis_each_upstream_gradient(upstream):
+    _check(_inputs(3, 11, seed=22, rollout_spread=0.5), upstream, rollout_is_cap=1.5)
+
+
+def test_tis_by_hand():
+    """Four tokens, ε = 0.2, cap 2 (the hand-worked case of test_reference): raw weights 3 (capped
+    at 2), 0.5, 1, 1.25; per-token losses −1, 3, −0.5, −1.2 weighted to −2, 1.5, −0.5, −1.5."""
+    inputs = _inputs(1, 4, seed=23)
+    old = torch.full((1, 4), -1.0)
+    inputs.update(
+        logprobs=(old + torch.tensor([[1.0, 1.5, 0.5, 1.5]]).log()).to(DEVICE), old_logprobs=old.to(DEVICE),
+        rollout_logprobs=(old - torch.tensor([[3.0, 0.5, 1.0, 1.25]]).log()).to(DEVICE),
+        advantages=torch.tensor([[1.0, -2.0, 1.0, 1.0]], device=DEVICE),
+        mask=torch.ones(1, 4, dtype=torch.bool, device=DEVICE))
+    for fn in (ppo_loss, reference.ppo_loss):
+        out, dlogp, _ = _run(fn, inputs, upstream=(None, 1.0, None), rollout_is_cap=2.0)
+        torch.testing.assert_close(out.pg_loss, torch.tensor(-0.625, device=DEVICE))
+        # d/dlogp (× N = 4 by _run) = −A·r·w on unsaturated tokens, 0 where the clamp holds r at 1.2
+        torch.testing.assert_close(dlogp, torch.tensor([[-2.0, 1.5, -0.5, 0.0]], device=DEVICE))
+        torch.testing.assert_close(out.tis_weight_mean, torch.tensor(4.75 / 4, device=DEVICE))
+        assert out.tis_clipfrac == 0.25
+    _check(inputs, upstream=(None, 1.0, None), rollout_is_cap=2.0)
+
+
+@pytest.mark.parametrize("rollout_is_cap", [2.0, 1.0])
+def test_tis_weight_one_is_the_plain_loss(rollout_is_cap):
+    """rollout = old: every weight is exactly exp(0) = 1, also with the cap at 1 (where the strict
+    exp(old − rollout) > cap counts no token as clipped)."""
+    inputs = _inputs(4, 19, seed=24, spread=1.0)
+    same = dict(inputs, rollout_logprobs=inputs["old_logprobs"].clone())
+    out, dlogp, dv = _check(same, dual_clip=2.0, rollout_is_cap=rollout_is_cap)
+    plain, plain_dlogp, plain_dv = _run(ppo_loss, inputs, dual_clip=2.0)
+    for name in STATS:
+        torch.testing.assert_close(getattr(out, name), getattr(plain, name), **tol(torch.float32), msg=name)
+    torch.testing.assert_close(dlogp, plain_dlogp, **tol(torch.float32))
+    torch.testing.assert_close(dv, plain_dv, **tol(torch.float32))
+    assert out.tis_weight_mean == 1.0 and out.tis_clipfrac == 0.0
+
+
+def test_tis_many_tiles_few_programs(small_blocks):
+    _check(_inputs(7, 37, seed=25, spread=1.5, rollout_spread=0.5), dual_clip=2.0, rollout_is_cap=1.3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1)])
+def test_tis_tiny_shapes(shape):
+    inputs = _inputs(*shape, seed=26, rollout_spread=0.5)
+    inputs["mask"].view(-1)[0] = True
+    _check(inputs, rollout_is_cap=1.2)
+
+
+def test_tis_fully_masked_batch_is_nan_like_the_reference():
+    inputs = _inputs(2, 5, seed=27, rollout_spread=0.5)
+    inputs["mask"] = torch.zeros_like(inputs["mask"])
+    out, _, _ = _check(inputs)
+    assert out.tis_weight_mean.isnan() and out.tis_clipfrac.isnan()
+
+
+def test_tis_non_contiguous_inputs():
+    inputs = _inputs(3, 14, seed=28, rollout_spread=0.5)
+    views = {k: v[:, 1:] for k, v in inputs.items()}
+    views["rollout_logprobs"] = inputs["rollout_logprobs"][:, :-1].t().contiguous().t()  # column-major
+    views["logprobs"] = inputs["logprobs"][:, :-1].t().contiguous().t()
+    assert not views["rollout_logprobs"].is_contiguous() and not views["old_logprobs"].is_contiguous()
+    _check(views, rollout_is_cap=1.5)
+
+
+def test_tis_weights_are_constants():
+    """No gradient reaches rollout_logprobs (nor, in the kernel, old_logprobs), as in the reference."""
+    inputs = _inputs(2, 7, seed=29, rollout_spread=0.5)
+    rollout = inputs["rollout_logprobs"].clone().requires_grad_()
+    lp = inputs["logprobs"].clone().requires_grad_()
+    out = ppo_loss(lp, *(inputs[k] for k in NAMES[1:]), inputs["mask"], 0.2, 0.2, 0.1, rollout_logprobs=rollout)
+    out.loss.backward()
+    assert lp.grad is not None and rollout.grad is None
+    assert not out.tis_weight_mean.requires_grad and not out.tis_clipfrac.requires_grad
+
+
+def test_tis_ops_dispatches_to_the_kernel(monkeypatch):
+    calls = spy_on(monkeypatch, ppo_loss_module, "ppo_loss")
+    inputs = _inputs(2, 6, seed=30, rollout_spread=0.5)
+    out = ops.ppo_loss(*(inputs[k] for k in NAMES), inputs["mask"], 0.2, 0.2, 0.1, backend="triton",
+                       rollout_logprobs=inputs["rollout_logprobs"], rollout_is_cap=1.5)
+    expected = reference.ppo_loss(**inputs, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, rollout_is_cap=1.5)
+    for name in ("loss",) + TIS_STATS:
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), **tol(torch.float32), msg=name)
+    assert len(calls) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 4), T=st.integers(1, 40), seed=st.integers(0, 2**16), spread=st.floats(0.0, 1.5),
+    rollout_spread=st.floats(0.0, 1.0), rollout_is_cap=st.floats(0.5, 3.0), dual_clip=st.none() | st.floats(1.5, 4.0),
+    upstream=st.tuples(*[st.none() | st.floats(-3.0, 3.0)] * 3),
+)
+def test_tis_property(B, T, seed, spread, rollout_spread, rollout_is_cap, dual_clip, upstream):
+    inputs = _inputs(B, T, seed=seed, spread=spread, rollout_spread=rollout_spread)
+    inputs["mask"].view(-1)[0] = True
+    _check(inputs, upstream, dual_clip=dual_clip, rollout_is_cap=rollout_is_cap)
+
+
 @pytest.fixture()
 def small_blocks(monkeypatch):
     """Many tiles (2 rows × 8 positions) spread over 3 programs: the grid-stride loop and the reduction."""
@@ -260,3 +411,5 @@ def test_property(B, T, seed, cliprange, cliprange_value, vf_coef, spread, upstr
 def test_gpu_one_million_tokens(dtype):
     _check(_inputs(128, 8192, seed=11, dtype=dtype))
     _check(_inputs(3, 100003, seed=12, dtype=dtype))
+    _check(_inputs(128, 8192, seed=31, dtype=dtype, spread=1.0, rollout_spread=0.5), dual_clip=3.0,
+           rollout_is_cap=1.5)

@@ -101,3 +101,44 @@ def test_ppo_loss_backpropagates_through_ops():
                        torch.randn(2, 4), torch.ones(2, 4), 0.2, 0.2, 0.1)
     out.loss.backward()
     assert logprobs.grad is not None and values.grad is not None
+
+
+def test_ppo_loss_rollout_logprobs_reach_the_loss_and_stats():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(2, 4, generator=g) for _ in range(6)]
+    rollout = tensors[1] - 0.5 * torch.randn(2, 4, generator=g)
+    plain = ops.ppo_loss(*tensors, torch.ones(2, 4), 0.2, 0.2, 0.1, backend="torch")
+    assert plain.tis_weight_mean is None and plain.tis_clipfrac is None
+    out = ops.ppo_loss(*tensors, torch.ones(2, 4), 0.2, 0.2, 0.1, backend="torch",
+                       rollout_logprobs=rollout.bfloat16(), rollout_is_cap=1)  # any float dtype; an int cap
+    expected = reference.ppo_loss(*tensors, torch.ones(2, 4), 0.2, 0.2, 0.1, rollout_logprobs=rollout.bfloat16(),
+                                  rollout_is_cap=1.0)
+    for name in ("loss", "pg_loss", "tis_weight_mean", "tis_clipfrac"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name))
+
+
+def test_ppo_loss_rollout_argument_errors_name_the_argument():
+    tensors = [torch.randn(2, 4) for _ in range(6)]
+    mask = torch.ones(2, 4)
+
+    def call(**kwargs):
+        return ops.ppo_loss(*tensors, mask, 0.2, 0.2, 0.1, backend="torch", **kwargs)
+
+    with pytest.raises(ValueError, match="rollout_logprobs must have the shape of logprobs"):
+        call(rollout_logprobs=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="rollout_logprobs must be 2-D"):
+        call(rollout_logprobs=torch.zeros(8))
+    with pytest.raises(TypeError, match="rollout_logprobs must be a floating-point"):
+        call(rollout_logprobs=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="rollout_logprobs must be a torch.Tensor"):
+        call(rollout_logprobs=[[0.0] * 4] * 2)
+    with pytest.raises(ValueError, match="rollout_logprobs is on meta"):
+        call(rollout_logprobs=torch.zeros(2, 4, device="meta"))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rollout_is_cap must be a finite number > 0"):
+            call(rollout_logprobs=torch.zeros(2, 4), rollout_is_cap=bad)
+    for bad in ("2", None, True):
+        with pytest.raises(TypeError, match="rollout_is_cap must be a number"):
+            call(rollout_logprobs=torch.zeros(2, 4), rollout_is_cap=bad)
+    with pytest.raises(ValueError, match="rollout_is_cap"):  # checked also without rollout log-probs
+        call(rollout_is_cap=0.0)

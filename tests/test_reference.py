@@ -139,6 +139,109 @@ def test_ppo_loss_gradients_match_float64_autograd():
     _close(gv32, t["values"].grad)
 
 
+def test_ppo_loss_tis_hand_worked():
+    """Four tokens, old = −1, ε = 0.2, cap 2; ratios r = [1, 1.5, 0.5, 1.5], A = [1, −2, 1, 1],
+    raw weights exp(old − rollout) = [3, 0.5, 1, 1.25] → w = [2, 0.5, 1, 1.25] (the first capped).
+
+    per-token pg = max(−A·r, −A·clip(r)) = [−1, 3, −0.5, −1.2] (the last clipped: −1.2 > −1.5),
+    weighted w·pg = [−2, 1.5, −0.5, −1.5] → pg_loss = −2.5 / 4 (N = Σm = 4, not Σw = 4.75).
+    d pg_loss / d logp = w·(−A)·r / N on tokens whose r is not held by the clip:
+    [2·(−1)·1, 0.5·2·1.5, 1·(−1)·0.5, 0] / 4.
+    """
+    old = torch.full((1, 4), -1.0)
+    logprobs = (old + torch.tensor([[1.0, 1.5, 0.5, 1.5]]).log()).requires_grad_()
+    rollout = old - torch.tensor([[3.0, 0.5, 1.0, 1.25]]).log()
+    zeros = torch.zeros(1, 4)
+    out = reference.ppo_loss(logprobs, old, zeros, zeros, torch.tensor([[1.0, -2.0, 1.0, 1.0]]), zeros,
+                             torch.ones(1, 4), cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
+                             rollout_logprobs=rollout, rollout_is_cap=2.0)
+    _close(out.pg_loss, -0.625)
+    _close(out.loss, -0.625)  # values = returns: no value loss
+    _close(out.tis_weight_mean, 4.75 / 4)
+    _close(out.tis_clipfrac, 0.25)
+    _close(out.pg_clipfrac, 0.25)  # the clip statistics do not see the weights
+    _close(out.ratio_mean, 4.5 / 4)
+    out.pg_loss.backward()
+    _close(logprobs.grad, [[-0.5, 0.375, -0.125, 0.0]])
+    # the cap is strict: a ratio exactly at it (here 1 = exp(0)) is not counted as clipped
+    at_cap = reference.ppo_loss(logprobs.detach(), old, zeros, zeros, zeros, zeros, torch.ones(1, 4), 0.2, 0.2,
+                                0.1, rollout_logprobs=old, rollout_is_cap=1.0)
+    assert at_cap.tis_clipfrac.item() == 0.0 and at_cap.tis_weight_mean.item() == 1.0
+
+
+def _random_loss_inputs(seed, shape=(3, 5)):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(shape, generator=g) for name in
+               ("logprobs", "old_logprobs", "values", "old_values", "advantages", "returns")}
+    tensors["mask"] = (torch.rand(shape, generator=g) > 0.2).float()
+    tensors["mask"][0] = 0.0  # a fully masked row
+    return tensors
+
+
+def test_ppo_loss_tis_weight_one_is_the_plain_loss():
+    """rollout_logprobs = old_logprobs: w = exp(0) = 1 exactly, so every output and gradient is bit-equal."""
+    tensors = _random_loss_inputs(7)
+
+    def run(**tis):
+        t = {k: v.clone().requires_grad_(k in ("logprobs", "values")) for k, v in tensors.items()}
+        out = reference.ppo_loss(**t, cliprange=0.2, cliprange_value=0.3, vf_coef=0.7, dual_clip=2.0, **tis)
+        (1.7 * out.loss - 0.4 * out.pg_loss).backward()
+        return out, t["logprobs"].grad, t["values"].grad
+
+    plain, plain_dlogp, plain_dv = run()
+    assert plain.tis_weight_mean is None and plain.tis_clipfrac is None
+    out, dlogp, dv = run(rollout_logprobs=tensors["old_logprobs"].clone(), rollout_is_cap=2.0)
+    for name in reference.PPOLossOutput._fields[:-2]:
+        assert torch.equal(getattr(out, name), getattr(plain, name)), name
+    assert torch.equal(dlogp, plain_dlogp) and torch.equal(dv, plain_dv)
+    assert out.tis_weight_mean.item() == 1.0 and out.tis_clipfrac.item() == 0.0
+    assert out.tis_weight_mean.dtype == torch.float32 and out.tis_weight_mean.shape == ()
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_ppo_loss_tis_gradients_match_float64_autograd(dual_clip):
+    tensors = _random_loss_inputs(8, (4, 9))
+    g = torch.Generator().manual_seed(9)
+    rollout = tensors["old_logprobs"] - 0.6 * torch.randn(4, 9, generator=g)  # weights on both sides of the cap
+    cap = 1.4
+    t = {k: v.clone().requires_grad_(k in ("logprobs", "values")) for k, v in tensors.items()}
+    result = reference.ppo_loss(**t, cliprange=0.2, cliprange_value=0.3, vf_coef=0.7, dual_clip=dual_clip,
+                                rollout_logprobs=rollout.bfloat16(), rollout_is_cap=cap)
+    (3.0 * result.loss - result.pg_loss).backward()
+    # float64 oracle, written out; the rollout log-probs are the bf16 ones the reference was given
+    d = {k: v.double().requires_grad_(k in ("logprobs", "values")) for k, v in tensors.items()}
+    m = d["mask"]
+    raw = torch.exp(d["old_logprobs"] - rollout.bfloat16().double())
+    w = raw.clamp(max=cap)
+    ratio = torch.exp(d["logprobs"] - d["old_logprobs"])
+    pg = torch.maximum(-d["advantages"] * ratio, -d["advantages"] * ratio.clamp(0.8, 1.2))
+    if dual_clip is not None:
+        pg = torch.where(d["advantages"] < 0, torch.minimum(pg, -d["advantages"] * dual_clip), pg)
+    pg_loss = (w * pg * m).sum() / m.sum()
+    vclip = torch.clamp(d["values"], d["old_values"] - 0.3, d["old_values"] + 0.3)
+    vf = torch.maximum((d["values"] - d["returns"]) ** 2, (vclip - d["returns"]) ** 2)
+    loss = pg_loss + 0.7 * 0.5 * (vf * m).sum() / m.sum()
+    (3.0 * loss - pg_loss).backward()
+    _close(result.loss, loss.detach())
+    _close(result.pg_loss, pg_loss.detach())
+    _close(result.tis_weight_mean, (w * m).sum() / m.sum())
+    _close(result.tis_clipfrac, ((raw > cap).double() * m).sum() / m.sum())
+    assert 0 < result.tis_clipfrac < 1 and (w[m.bool()] < 1).any()
+    _close(t["logprobs"].grad, d["logprobs"].grad)
+    _close(t["values"].grad, d["values"].grad)
+
+
+def test_ppo_loss_tis_weights_are_constants():
+    tensors = _random_loss_inputs(10)
+    rollout = (tensors["old_logprobs"] - 0.3).requires_grad_()
+    logprobs = tensors.pop("logprobs").requires_grad_()
+    out = reference.ppo_loss(logprobs, **tensors, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
+                             rollout_logprobs=rollout)
+    out.loss.backward()
+    assert logprobs.grad is not None and rollout.grad is None
+    assert not out.tis_weight_mean.requires_grad and not out.tis_clipfrac.requires_grad
+
+
 # --------------------------------------------------------------------------- log-probs and KL
 
 
