@@ -24,10 +24,11 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import heads, inputs, ops, rollout, stats as step_statistics
+from . import heads, inputs, ops, stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
+from .rollout import HFEngine, draw_lengths, list_output, single_output
 
 
 class Rollout(NamedTuple):
@@ -116,7 +117,7 @@ class PPOTrainer:
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self.current_device = self.accelerator.device
-        self.hf_engine = rollout.HFEngine(self.accelerator, tokenizer)
+        self.hf_engine = HFEngine(self.accelerator, tokenizer)
         self.rollout_engine = self.hf_engine
         if config.rollout_engine == "vllm":
             from .vllm_engine import VLLMEngine, check_vllm_installed
@@ -208,13 +209,13 @@ class PPOTrainer:
             self.hf_engine.check_kwargs(self._reference_model(), generation_kwargs)
 
         def sample(engine, model, disable_adapter=False):
-            lengths = rollout.draw_lengths(length_sampler, len(queries), batch_size)
+            lengths = draw_lengths(length_sampler, len(queries), batch_size)
             samples = engine.generate(model, queries, lengths, batch_size, generation_kwargs, return_logprobs,
                                       disable_adapter=disable_adapter)
             if single:
-                return rollout.single_output(queries[0], samples[0], self.tokenizer.pad_token_id, return_prompt,
+                return single_output(queries[0], samples[0], self.tokenizer.pad_token_id, return_prompt,
                                              return_logprobs)
-            return rollout.list_output(queries, samples, self.tokenizer.eos_token_id, return_prompt, remove_padding,
+            return list_output(queries, samples, self.tokenizer.eos_token_id, return_prompt, remove_padding,
                                        return_logprobs)
 
         responses = sample(self.rollout_engine, self.model)

@@ -13,6 +13,7 @@ freed) between `generate` calls, so `step` gets the accelerator's memory back.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import tempfile
@@ -106,7 +107,8 @@ class VLLMEngine:
         weights = policy_weights.lm_weights(unwrapped)
         if self.llm.llm_engine.vllm_config.parallel_config.world_size > 1:
             weights = [(name, tensor.cpu()) for name, tensor in weights]  # crosses to worker processes
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        with _quiet_rotary_reload():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
         self.stale = False
         self.syncs += 1
@@ -143,6 +145,22 @@ class VLLMEngine:
         if self.vllm_kwargs.get("enable_sleep_mode"):
             self.llm.sleep(level=1)  # level 1 keeps a host copy of the weights: valid if no step follows
             self.sleeping = True
+
+
+@contextlib.contextmanager
+def _quiet_rotary_reload():
+    """Drop vLLM's "RotaryEmbedding: Failed to load weights" warning on each sync: rotary tables are
+    computed buffers that no checkpoint holds, and vLLM keeps its own. Other layers still warn."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and "Rotary" in str(record.args[0]))
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
