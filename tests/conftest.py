@@ -99,6 +99,17 @@ def gpt2_dir(model_dirs):
     return model_dirs["gpt2"]
 
 
+def checkpoint_with_tokenizer(model_dir: str, tokenizer_dir: str, dest) -> str:
+    """A copy of `model_dir` with the tokenizer's files beside it: what `from_pretrained(path)` of
+    both model and tokenizer (e.g. examples/quickstart.py --model) expects."""
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    for item in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, item), dest)
+    return str(dest)
+
+
 def make_batch(tokenizer, batch_size: int, seed: int = 0, max_query: int = 6, max_response: int = 7):
     """Variable-length (query, response, score) lists of token ids drawn from the tokenizer's vocabulary."""
     generator = torch.Generator().manual_seed(seed)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import checkpoint_with_tokenizer
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -22,12 +24,7 @@ def test_long_sequence_example_runs_every_mode():
 
 
 def test_quickstart_runs_on_a_tiny_local_model(gpt2_dir, tokenizer_dir, tmp_path):
-    import shutil
-
-    model_dir = tmp_path / "tiny"
-    shutil.copytree(gpt2_dir, model_dir)
-    for item in os.listdir(tokenizer_dir):
-        shutil.copy(os.path.join(tokenizer_dir, item), model_dir)
+    model_dir = checkpoint_with_tokenizer(gpt2_dir, tokenizer_dir, tmp_path / "tiny")
     out = tmp_path / "out"
     env = dict(os.environ, FASTPPO_BACKEND="torch")
     result = subprocess.run(

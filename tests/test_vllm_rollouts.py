@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import checkpoint_with_tokenizer
+
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAVE_VLLM and os.environ.get("FASTPPO_REQUIRE_VLLM") == "1":
     raise RuntimeError("FASTPPO_REQUIRE_VLLM=1 but vllm does not import in this environment")
@@ -95,12 +97,7 @@ def test_vllm_engine_syncs_merged_lora_weights(llama_dir, tokenizer_dir, tmp_pat
 
 
 def test_quickstart_runs_on_the_vllm_engine(llama_dir, tokenizer_dir, tmp_path):
-    import shutil
-
-    model_dir = tmp_path / "tiny"
-    shutil.copytree(llama_dir, model_dir)
-    for item in os.listdir(tokenizer_dir):
-        shutil.copy(os.path.join(tokenizer_dir, item), model_dir)
+    model_dir = checkpoint_with_tokenizer(llama_dir, tokenizer_dir, tmp_path / "tiny")
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
