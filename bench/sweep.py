@@ -206,6 +206,13 @@ def linear_case(shape, device):
 def measure(name, config, check, run, clock, work, ceiling, unit) -> dict:
     row = {"op": name, "config": config}
     try:
+        return _measured(row, check, run, clock, work, ceiling, unit)
+    finally:  # one line as each row finishes: a sweep cut off by its time limit still reports what it measured
+        print("row", json.dumps(row), flush=True)
+
+
+def _measured(row, check, run, clock, work, ceiling, unit) -> dict:
+    try:
         row["ok"] = check()
         row["ms"] = clock.ms(run)
         rate = work / (row["ms"] / 1e3) / (1e9 if unit == "GB/s" else 1e12)
@@ -252,13 +259,13 @@ def main(argv=None) -> int:
                 cases["full_kl"] = vocab_cases(shapes["full_kl"], device)["full_kl"]
         for name, (check, run, size) in cases.items():
             for block, ept in VOCAB_CONFIGS:
-                with knobs(GPU_MAX_VOCAB_BLOCK=block, GPU_ELEMENTS_PER_THREAD=ept, GPU_MAX_WARPS=32):
+                with knobs(GPU_MAX_VOCAB_BLOCK=block, GPU_VOCAB_ELEMENTS_PER_THREAD=ept, GPU_MAX_WARPS=32):
                     config = f"block {block}, {block // (32 * ept)} warps"
                     rows.append(measure(name, config, check, run, clock, size, limits["copy_GBps"], "GB/s"))
         if "tokens" in wanted:
             for name, (check, run, size) in token_cases(shapes["tokens"], shapes["gae"], device).items():
                 for tile, ept in TOKEN_CONFIGS:
-                    with knobs(GPU_TOKEN_TILE=tile, GPU_ELEMENTS_PER_THREAD=ept, GPU_MAX_WARPS=32):
+                    with knobs(GPU_TOKEN_TILE=tile, GPU_TOKEN_ELEMENTS_PER_THREAD=ept, GPU_MAX_WARPS=32):
                         config = f"tile {tile}, {ept} per thread"
                         rows.append(measure(name, config, check, run, clock, size, limits["copy_GBps"], "GB/s"))
         if "linear" in wanted:

@@ -22,9 +22,16 @@ class StepInputs(NamedTuple):
     rollout_logprobs: Optional[list]  # B × [Lr] float32 or None
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index filled in: "cuda" and "cuda:0" are one device when 0 is the current one."""
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    return torch.device(device.type, getattr(torch, device.type).current_device())
+
+
 def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` moved to `device`; CPU tensors move, tensors on another accelerator are an error."""
-    if tensor.device == device or tensor.device.type == "cpu":
+    if tensor.device.type == "cpu" or _indexed(tensor.device) == _indexed(device):
         return tensor.to(device)
     raise ValueError(f"{name} is on {tensor.device}, but the trainer runs on {device}; pass CPU tensors or tensors on {device}")
 

@@ -269,9 +269,9 @@ class _LinearLogprobs(torch.autograd.Function):
         logps, entropies, lses = [], [], []
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            scaled = _chunk_logits(hidden[rows], weight, bias) / temperature  # y = z / T, [C, V]
+            scaled = _chunk_logits(hidden[rows], weight, bias).div_(temperature)  # y = z / T, [C, V]
             lse = torch.logsumexp(scaled, dim=-1)
-            logp_all = scaled - lse.unsqueeze(-1)  # log p, ≤ 0
+            logp_all = scaled.sub_(lse.unsqueeze(-1))  # log p, ≤ 0 (in place: one [C, V] float32 tile fewer)
             logps.append(logp_all.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1))
             lses.append(lse)
             if return_entropy:
@@ -310,20 +310,28 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight = zeros(weight, needs_weight, sum_weight)
         grad_bias = zeros(bias, needs_bias, sum_weight)
         for rows, cols in tiles:
-            # y = z / T and log p on this tile, from the saved per-row log-sum-exp
-            logp_tile = _chunk_logits(hidden[rows], weight[cols], bias[cols] if bias is not None else None) \
-                / temperature - lse[rows].unsqueeze(-1)
+            # y = z / T and log p on this tile, from the saved per-row log-sum-exp. In-place steps keep
+            # three float32 tiles alive at most (log p, p, the gradient), not seven: the same values.
+            logp_tile = _chunk_logits(hidden[rows], weight[cols], bias[cols] if bias is not None else None)
+            logp_tile.div_(temperature).sub_(lse[rows].unsqueeze(-1))
             p = logp_tile.exp()
-            grad_scaled = torch.zeros_like(p)
-            if grad_logp is not None:  # ∂logp/∂y = onehot − p
-                columns = torch.arange(cols.start, cols.stop, device=labels.device)
-                onehot = (labels[rows].unsqueeze(-1) == columns).float()
-                grad_scaled += grad_logp[rows].float().unsqueeze(-1) * (onehot - p)
+            if grad_logp is not None:  # ∂logp/∂y = onehot − p: g·(0 − p) off the label, g·(1 − p) on it
+                g = grad_logp[rows].float().unsqueeze(-1)
+                grad_scaled = p.mul(g).neg_()
+                local = (labels[rows] - cols.start).unsqueeze(-1)
+                inside = (local >= 0) & (local < cols.stop - cols.start)
+                local = local.clamp(0, cols.stop - cols.start - 1)
+                on_label = g * (1.0 - p.gather(-1, local))
+                grad_scaled.scatter_(-1, local, torch.where(inside, on_label, grad_scaled.gather(-1, local)))
+            else:
+                grad_scaled = torch.zeros_like(p)
             if grad_entropy is not None:  # ∂H/∂y = −p·(log p + H); p = 0 contributes 0
-                term = torch.where(p > 0, p * (logp_tile + entropy[rows].unsqueeze(-1)), 0.0)
-                grad_scaled -= grad_entropy[rows].float().unsqueeze(-1) * term
+                term = logp_tile.add_(entropy[rows].unsqueeze(-1)).mul_(p).masked_fill_(~(p > 0), 0.0)
+                grad_scaled.sub_(term.mul_(grad_entropy[rows].float().unsqueeze(-1)))
+            del logp_tile, p
             # ∂L/∂z in the logits' dtype, as the logprobs op hands it to the lm_head's backward
-            grad_logits = (grad_scaled / temperature).to(hidden.dtype)
+            grad_logits = grad_scaled.div_(temperature).to(hidden.dtype)
+            del grad_scaled
             if needs_hidden:
                 grad_hidden[rows] += grad_logits @ weight[cols]
             if needs_weight:

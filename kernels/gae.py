@@ -23,7 +23,7 @@ masked_whiten (see `fastppo.reference.masked_whiten`), with weights m = mask.flo
 Two launches, no host sync: (1) P ≤ MAX_TOKEN_PARTIALS programs each reduce their tiles to
 (n, Σm·x, M2 about their own mean), tiles combined with Chan's parallel formula, so a large
 common offset (values ~1e3) does not cancel; (2) every program of the elementwise pass
-first combines the P partials the same way (P·12 bytes, from L2), then writes its tiles.
+first combines the P partials the same way (P·24 bytes of float64, from L2), then writes its tiles.
 Bytes per element: 2 reads of x and mask + 1 write (~13 bytes fp32/bool).
 
 Shapes: gae: rewards, values, mask `[B, T]` (any float dtype / mask dtype, any strides) →
@@ -102,20 +102,22 @@ def _tile_offsets(tile, n_col_tiles, B, T, BLOCK_B: tl.constexpr, BLOCK_T: tl.co
 def _whiten_partials_kernel(
     x_ptr,  # [B, T] any float
     mask_ptr,  # [B, T] bool / int / float
-    partials_ptr,  # [P, 3] float32: (n, Σm·x, M2 about Σm·x / n)
+    partials_ptr,  # [P, 3] float64: (n, Σm·x, M2 about Σm·x / n)
     B, T, n_col_tiles, n_tiles,
     s_x_b, s_x_t, s_m_b, s_m_t,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
+    n = tl.cast(0.0, tl.float64)
+    mean = tl.cast(0.0, tl.float64)
+    m2 = tl.cast(0.0, tl.float64)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         rows, cols, ok = _tile_offsets(tile, n_col_tiles, B, T, BLOCK_B, BLOCK_T)
-        x = tl.load(x_ptr + rows[:, None] * s_x_b + cols[None, :] * s_x_t, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(mask_ptr + rows[:, None] * s_m_b + cols[None, :] * s_m_t, mask=ok, other=0).to(tl.float32)
+        # float64 sums: the mean must round once, to the float32 nearest the exact one, or an offset
+        # of ~1e3 shifts every output by an ulp of it (GPU float32 division is not correctly rounded)
+        x = tl.load(x_ptr + rows[:, None] * s_x_b + cols[None, :] * s_x_t, mask=ok, other=0.0).to(tl.float64)
+        m = tl.load(mask_ptr + rows[:, None] * s_m_b + cols[None, :] * s_m_t, mask=ok, other=0).to(tl.float64)
         n_tile = tl.sum(m)
         mean_tile = tl.sum(x * m) / tl.maximum(n_tile, 1e-30)
         centered = x - mean_tile
@@ -135,7 +137,7 @@ def _whiten_partials_kernel(
 @triton.jit
 def _whiten_apply_kernel(
     x_ptr,  # [B, T] any float
-    partials_ptr,  # [P, 3] float32
+    partials_ptr,  # [P, 3] float64
     out_ptr,  # [B, T] float32, contiguous
     B, T, n_col_tiles, n_tiles, n_partials,
     s_x_b, s_x_t,
@@ -154,7 +156,8 @@ def _whiten_apply_kernel(
     dev = tl.where(n_p > 0, sum_p / tl.maximum(n_p, 1e-30) - mean, 0.0)
     m2 = tl.sum(m2_p) + tl.sum(n_p * dev * dev)
     var = m2 / tl.where(n > 1.0, n - 1.0, n)  # Bessel-corrected unless a single position
-    inv_std = 1.0 / tl.sqrt_rn(var + 1e-8)
+    inv_std = (1.0 / tl.sqrt(var + 1e-8)).to(tl.float32)
+    mean = mean.to(tl.float32)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows, cols, ok = _tile_offsets(tile, n_col_tiles, B, T, BLOCK_B, BLOCK_T)
         x = tl.load(x_ptr + rows[:, None] * s_x_b + cols[None, :] * s_x_t, mask=ok, other=0.0).to(tl.float32)
@@ -215,7 +218,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     n_col_tiles = triton.cdiv(T, block_t)
     n_tiles = triton.cdiv(B, block_b) * n_col_tiles
     n_partials = min(n_tiles, _launch.MAX_TOKEN_PARTIALS)
-    partials = torch.empty((n_partials, 3), dtype=torch.float32, device=values.device)
+    partials = torch.empty((n_partials, 3), dtype=torch.float64, device=values.device)
     with device_guard(values):
         _whiten_partials_kernel[(n_partials,)](
             x, m, partials, B, T, n_col_tiles, n_tiles,

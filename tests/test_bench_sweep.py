@@ -31,6 +31,6 @@ def test_sweep_checks_every_configuration(tmp_path, bench):
         rows = [row for row in data["rows"] if row["op"] == op]
         assert len(rows) == len(configs) and all(row["ok"] and row["ms"] > 0 for row in rows), (op, rows)
     assert len({row["config"] for row in data["rows"] if row["op"] == "logprobs_fwd"}) == len(sweep.VOCAB_CONFIGS)
-    assert "| logprobs_fwd | block 4096, 16 warps | yes |" in result.stdout  # today's default is among them
+    assert "| logprobs_fwd | block 2048, 4 warps | yes |" in result.stdout  # today's default is among them
     if not torch.cuda.is_available():
         assert data["device"] == "cpu"

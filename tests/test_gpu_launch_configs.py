@@ -1,7 +1,7 @@
 """Every kernel with the launch configuration a GPU gets, run under the interpreter.
 
 Without a GPU the interpreter normally picks its own blocks (a whole vocabulary row, one row
-per program), so the GPU heuristics of kernels/_launch.py — 4096-column vocabulary blocks
+per program), so the GPU heuristics of kernels/_launch.py — 2048-column vocabulary blocks
 with a masked tail, 2048-element token tiles holding several rows per program, padding rows
 — would never execute before a GPU run. Here `is_interpreted` answers False, `vocab_block`
 and `token_tiles` return what a GPU would get (num_warps means nothing to the interpreter),
@@ -28,14 +28,14 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
 ]
-VOCAB = 5000  # one full 4096-column block and a masked tail of 904
+VOCAB = 5000  # two full 2048-column blocks and a masked tail of 904
 ROWS_SHAPES = [(3, 100), (2, 2500)]  # 4 rows × 128 per tile (one row of padding); 1 × 2048 with a tail
 
 
 @pytest.fixture(autouse=True)
 def gpu_launch_configs(monkeypatch):
     monkeypatch.setattr(_launch, "is_interpreted", lambda device: False)
-    assert _launch.vocab_block(VOCAB, torch.device("cpu")) == (4096, 16)
+    assert _launch.vocab_block(VOCAB, torch.device("cpu")) == (2048, 4)
     assert _launch.token_tiles(3, 100, torch.device("cpu"))[:2] == (4, 128)
     assert _launch.token_tiles(2, 2500, torch.device("cpu"))[:2] == (1, 2048)
 
@@ -124,11 +124,11 @@ def test_linear_logprobs_forward_and_backward():
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
 def test_vocabulary_rows_at_every_16_byte_phase(inplace, vocab):
     """[2, 4, V] read through `[:, :-1]`. V = 9001: rows start at every phase of a 16-byte group, so
-    the masked first block holds 0–7 lanes before the row, then one unmasked 4096-column block,
+    the masked first block holds 0–7 lanes before the row, then unmasked 2048-column blocks,
     then a masked tail; a new gradient buffer has another row layout than the logits (another
     phase), the in-place one the same. V = 9216 (a multiple of 16): the single masked loop."""
     layout = _launch.row_layout(torch.empty(2, 4, vocab).bfloat16()[:, :-1])
-    assert _launch.aligned_block(4096, vocab, torch.empty(1).bfloat16(), layout)["RAGGED"] == (vocab % 16 != 0)
+    assert _launch.aligned_block(2048, vocab, torch.empty(1).bfloat16(), layout)["RAGGED"] == (vocab % 16 != 0)
     generator = torch.Generator().manual_seed(6)
     base = torch.randn(2, 4, vocab, generator=generator).bfloat16()
     ref_base = torch.randn(2, 4, vocab, generator=generator).bfloat16()

@@ -19,7 +19,7 @@ def _train(model_dir, tokenizer, **config_kwargs):
     for seed in (0, 1):
         queries, responses, scores = make_batch(tokenizer, 4, seed=seed)
         _, _, mask = trainer._pad_batch(queries, responses, None)
-        results.append((trainer.step(queries, responses, scores), mask.numpy().astype(bool)))
+        results.append((trainer.step(queries, responses, scores), mask.cpu().numpy().astype(bool)))
     return trainer, results
 
 

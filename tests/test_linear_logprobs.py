@@ -285,7 +285,7 @@ def test_ops_dispatches_to_the_kernel(monkeypatch):
 def test_bad_arguments_raise():
     hidden, weight, bias, labels = make_inputs((4,), 8, 20, torch.float32)
     cases = [
-        (TypeError, "hidden", dict(hidden=hidden.detach().numpy())),
+        (TypeError, "hidden", dict(hidden=hidden.detach().cpu().numpy())),
         (TypeError, "hidden", dict(hidden=hidden.long())),
         (TypeError, "weight", dict(weight=weight.to(torch.float64))),
         (ValueError, "weight", dict(weight=weight[:, :5])),
