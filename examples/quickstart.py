@@ -339,8 +339,7 @@ def main(argv=None) -> dict:
     print(f"\nreward curve: {curve_path}")
 
     model_dir = os.path.join(args.output_dir, "model")
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    trainer.save_pretrained(model_dir)  # the tokenizer too; consolidated from every process under ZeRO-3
     print(f"trained model saved to {model_dir}")
 
     # 5. The checkpoint is a plain transformers model: reload it and answer a new prompt.

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import sharding
+
 
 class AdaptiveKLController:
     """Proportional controller of the KL coefficient (Ziegler et al. 2019).
@@ -52,7 +54,7 @@ class RunningMoments:
         Returns the batch's mean and (unbiased) standard deviation.
         """
         scores = scores.float()
-        if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator is not None and sharding.world_size(accelerator) > 1:
             sums = accelerator.reduce(torch.stack([scores.sum(), torch.tensor(float(scores.numel()), device=scores.device)]), "sum")
             batch_count = sums[1].item()
             batch_mean = sums[0] / sums[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import ops
+from . import ops, sharding
 from .reference import PPOLossOutput
 
 
@@ -146,7 +146,7 @@ def to_python(stats: dict) -> dict:
 
 def reduce_across_processes(stats: dict, accelerator) -> dict:
     """Mean of every scalar tensor statistic over processes (no-op on one process)."""
-    if accelerator.num_processes <= 1:
+    if sharding.world_size(accelerator) <= 1:
         return stats
     reduced = dict(stats)
     for key, value in stats.items():

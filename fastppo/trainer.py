@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import heads, inputs, ops, stats as step_statistics
+from . import heads, inputs, ops, sharding, stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
@@ -82,7 +82,7 @@ class PPOTrainer:
             project_config=ProjectConfiguration(**config.project_kwargs),
             **config.accelerator_kwargs,
         )
-        config.world_size = self.accelerator.num_processes
+        config.world_size = sharding.world_size(self.accelerator)  # DeepSpeed on CPU: accelerate may say 1
         config.global_backward_batch_size = config.backward_batch_size * config.world_size
         config.global_batch_size = config.batch_size * config.world_size
         config.is_encoder_decoder = False
@@ -92,6 +92,9 @@ class PPOTrainer:
         self.head_mode = heads.head_mode(config)
         if self.head_mode != "full":
             heads.check_plain_lm_head(model)
+            if sharding.shards_parameters(self.accelerator):
+                raise ValueError("response_only_logits/fused_lm_head read the LM head's weight directly, which ZeRO-3 "
+                                 "shards across processes; leave both False under ZeRO-3")
         if num_shared_layers is not None and (ref_model is not None or self.is_peft_model):
             warnings.warn("num_shared_layers is ignored: " + ("a ref_model was given" if ref_model is not None
                           else "a PEFT model's reference is its base with the adapter disabled, nothing is copied"))
@@ -110,21 +113,22 @@ class PPOTrainer:
         dataloader = None
         if dataset is not None:
             dataloader = self.prepare_dataloader(dataset, data_collator, model)
+        sharding.configure_deepspeed(self.accelerator, config)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.dataloader = self.accelerator.prepare(dataloader) if dataloader is not None else None
         self.lr_scheduler = self.accelerator.prepare(lr_scheduler) if lr_scheduler is not None else None
         self.ref_model = None
         if ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            self.ref_model = sharding.prepare_reference(self.accelerator, ref_model, config.mini_batch_size)
         self.current_device = self.accelerator.device
         self.hf_engine = HFEngine(self.accelerator, tokenizer)
         self.rollout_engine = self.hf_engine
         if config.rollout_engine == "vllm":
             from .vllm_engine import VLLMEngine, check_vllm_installed
 
-            if self.accelerator.num_processes > 1:
+            if config.world_size > 1:
                 raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "
-                                 f"this run has {self.accelerator.num_processes} processes (not supported yet)")
+                                 f"this run has {config.world_size} processes (not supported yet)")
             check_vllm_installed()
             self.rollout_engine = VLLMEngine(config.vllm_kwargs, seed=config.seed, accelerator=self.accelerator)
 
@@ -163,7 +167,7 @@ class PPOTrainer:
 
     @property
     def vocab_size(self) -> int:
-        return self.unwrapped_model.lm_head.weight.shape[0]
+        return sharding.vocab_size(self.unwrapped_model.lm_head.weight)
 
     # ------------------------------------------------------------------ generation
 
@@ -210,8 +214,9 @@ class PPOTrainer:
 
         def sample(engine, model, disable_adapter=False):
             lengths = draw_lengths(length_sampler, len(queries), batch_size)
-            samples = engine.generate(model, queries, lengths, batch_size, generation_kwargs, return_logprobs,
-                                      disable_adapter=disable_adapter)
+            with sharding.gathered(self.accelerator, model):  # ZeRO-3: sample from full weights
+                samples = engine.generate(model, queries, lengths, batch_size, generation_kwargs, return_logprobs,
+                                          disable_adapter=disable_adapter)
             if single:
                 return single_output(queries[0], samples[0], self.tokenizer.pad_token_id, return_prompt,
                                              return_logprobs)
@@ -287,7 +292,7 @@ class PPOTrainer:
         timing["time/ppo/calc_stats"] = time.time() - t
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
 
-        self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.accelerator.num_processes)
+        self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.config.world_size)
         timing["time/ppo/total"] = time.time() - start
         stats.update(timing)
         stats.update(optimisation)
@@ -336,7 +341,7 @@ class PPOTrainer:
         """
         sequences = [torch.cat([q, r]) for q, r in zip(queries, responses)]
         width = max(len(s) for s in sequences)
-        if self.accelerator.num_processes > 1:
+        if self.config.world_size > 1:
             width = int(self.accelerator.gather(torch.tensor([width], device=self.current_device)).max())
         batch_size = len(sequences)
         input_ids = torch.full((batch_size, width), self.tokenizer.pad_token_id, dtype=torch.long,
@@ -480,7 +485,7 @@ class PPOTrainer:
 
     def _should_stop_early(self, policykl: torch.Tensor) -> bool:
         policykl = policykl.detach().float()
-        if self.accelerator.num_processes > 1:
+        if self.config.world_size > 1:
             policykl = self.accelerator.reduce(policykl.to(self.current_device), "mean")
         if float(policykl) > 1.5 * self.config.target_kl:
             self.optimizer.zero_grad()
@@ -510,9 +515,22 @@ class PPOTrainer:
         self.accelerator.log(logs, step=self.current_step if self.config.log_with == "tensorboard" else None)
 
     def save_pretrained(self, save_directory: str) -> None:
-        """Save the policy (value head included) and the tokenizer to `save_directory`."""
-        self.unwrapped_model.save_pretrained(save_directory)
-        self.tokenizer.save_pretrained(save_directory)
+        """Save the policy (value head included) and the tokenizer to `save_directory`, from the main process.
+
+        Call it on every process: under ZeRO-3 the weights are gathered (one module at a time)
+        into one consolidated checkpoint that plain transformers loads.
+        """
+        if self.is_peft_model:  # PEFT saves the adapter itself; under ZeRO-3 from fully gathered weights
+            with sharding.gathered(self.accelerator, self.model):
+                if self.accelerator.is_main_process:
+                    self.unwrapped_model.save_pretrained(save_directory)
+        else:
+            state = sharding.full_state_dict(self.accelerator, self.model)
+            if self.accelerator.is_main_process:
+                self.unwrapped_model.save_pretrained(save_directory, state_dict=state)
+        if self.accelerator.is_main_process:
+            self.tokenizer.save_pretrained(save_directory)
+        self.accelerator.wait_for_everyone()
 
     def save_state(self, output_dir: str) -> None:
         """Save everything needed to resume: weights, optimizer, scheduler, RNGs (accelerate) and trainer counters."""

@@ -1,0 +1,150 @@
+"""Sharded training through accelerate: what the trainer does differently under DeepSpeed ZeRO.
+
+accelerate wraps the policy (`prepare`); these helpers cover what it leaves to the trainer:
+
+- the DeepSpeed config values accelerate cannot infer without a dataloader (micro-batch size,
+  accumulation, clipping), taken from PPOConfig;
+- the reference model as a DeepSpeed inference engine (ZeRO-3 keeps it sharded; below stage 3
+  it is a plain replica), as TRL prepares it;
+- full weights for the moments that need them: sampling (`gathered`) and a consolidated
+  checkpoint (`full_state_dict`, one module's parameters gathered at a time);
+- the process count and rank from torch.distributed, which DeepSpeed initialises even where
+  accelerate's own state says one process (a machine without GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Optional
+
+import torch
+from accelerate.utils import DistributedType
+
+BASE_PREFIX = "pretrained_model."  # AutoModelForCausalLMWithValueHead's submodule; its state_dict drops it
+
+
+def world_size(accelerator) -> int:
+    """Processes in the run: torch.distributed's world when it is up, else accelerate's count."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return accelerator.num_processes
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage (0 when not under DeepSpeed)."""
+    if not is_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def shards_parameters(accelerator) -> bool:
+    """Whether each process holds only a slice of every weight outside forward/backward (ZeRO-3)."""
+    return zero_stage(accelerator) == 3
+
+
+def configure_deepspeed(accelerator, config) -> None:
+    """Fill the DeepSpeed config entries accelerate leaves "auto" without a dataloader, from PPOConfig.
+
+    A value the user set explicitly must agree with PPOConfig: DeepSpeed would otherwise train
+    with other batch or clipping settings than the ones the trainer's math assumes.
+    """
+    if not is_deepspeed(accelerator):
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.mini_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        # accelerate's clip_grad_norm_ is a no-op under DeepSpeed: the engine clips, with this value
+        "gradient_clipping": float(config.max_grad_norm) if config.max_grad_norm is not None else 0.0,
+    }
+    for key, value in wanted.items():
+        current = ds_config.get(key, "auto")
+        if current == "auto":
+            ds_config[key] = value
+        elif float(current) != float(value):
+            raise ValueError(f"the DeepSpeed config sets {key}={current}, but PPOConfig implies {value}; "
+                             f"leave it 'auto' (PPOConfig's mini_batch_size, gradient_accumulation_steps and "
+                             "max_grad_norm decide it)")
+    ds_config.pop("train_batch_size", None)  # DeepSpeed derives it: micro-batch × accumulation × world
+
+
+def prepare_reference(accelerator, ref_model, mini_batch_size: int):
+    """The frozen reference, ready for forward passes on every process.
+
+    Under DeepSpeed: an inference engine (no optimizer) with the policy's config; ZeRO-3 keeps
+    it sharded, lower stages hold a full copy (stage 0). Elsewhere: accelerate's evaluation-mode
+    preparation, as before.
+    """
+    if not is_deepspeed(accelerator):
+        return accelerator.prepare_model(ref_model, evaluation_mode=True)
+    import deepspeed
+
+    ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        ds_config.pop(key, None)
+    ds_config["train_micro_batch_size_per_gpu"] = mini_batch_size
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config.pop("train_batch_size", None)
+    zero = ds_config.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) != 3:
+        ds_config["zero_optimization"] = {"stage": 0}
+    else:
+        zero.pop("offload_optimizer", None)  # nothing to offload: no optimizer
+    engine, *_ = deepspeed.initialize(model=ref_model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def gathered(accelerator, model):
+    """Full weights of `model` on every process for the duration (ZeRO-3), e.g. to sample from it.
+
+    Each process then holds the whole model once: the limit of sharded generation (see README).
+    A no-op where weights are not sharded.
+    """
+    if not shards_parameters(accelerator):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters())):
+        yield
+
+
+def full_state_dict(accelerator, model) -> Optional[dict]:
+    """The value-head model's full state dict (its own key layout) on the main process, None elsewhere.
+
+    Every process must call it. Under ZeRO-3 one module's parameters are gathered at a time,
+    so no process holds more than the finished CPU copy and one module's full weights.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    if not shards_parameters(accelerator):
+        return {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()} if main else None
+    import deepspeed
+
+    full, copies = {}, {}  # copies by parameter: tied weights stay one tensor, as save_pretrained expects
+    for module_name, module in unwrapped.named_modules(remove_duplicate=False):
+        named = list(module.named_parameters(prefix=module_name, recurse=False))
+        if not named:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            if main:
+                for name, p in named:
+                    full[name] = copies.setdefault(id(p), p.detach().cpu().clone())
+    if not main:
+        return None
+    state = {}
+    for key, value in unwrapped.state_dict().items():  # the layout; parameters come from the gathered copy
+        state[key] = full.get(BASE_PREFIX + key, full.get(key, value.detach().cpu()))
+    return state
+
+
+def vocab_size(lm_head_weight: torch.Tensor) -> int:
+    """Rows of the LM head's weight; a ZeRO-3 shard keeps the full shape in `ds_shape`."""
+    return int(getattr(lm_head_weight, "ds_shape", lm_head_weight.shape)[0])
