@@ -218,8 +218,20 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     # ------------------------------------------------------------------ saving
 
+    @contextlib.contextmanager
+    def module_key_layout(self):
+        """`state_dict`/`load_state_dict` with nn.Module's own keys (`pretrained_model.…`) for the
+        duration: torch.distributed.checkpoint maps parameters by module path (FSDP2 save/load_state)."""
+        self._module_key_layout = True
+        try:
+            yield
+        finally:
+            self._module_key_layout = False
+
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """The base model's state dict (the adapter's alone for PEFT models) plus `v_head.*` keys."""
+        if getattr(self, "_module_key_layout", False):
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         out = destination if destination is not None else OrderedDict()
         if not self.is_peft_model:
             for key, value in self.pretrained_model.state_dict(keep_vars=keep_vars).items():
@@ -230,6 +242,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a dict in `state_dict()`'s layout (base keys + `v_head.*`)."""
+        if getattr(self, "_module_key_layout", False):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         v_head_state = {k[len(V_HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(V_HEAD_PREFIX)}
         base_state = {k: v for k, v in state_dict.items() if not k.startswith(V_HEAD_PREFIX)}
         self.v_head.load_state_dict(v_head_state, strict=strict, assign=assign)

@@ -1,4 +1,4 @@
-"""Sharded training through accelerate: what the trainer does differently under DeepSpeed ZeRO.
+"""Sharded training through accelerate: what the trainer does differently under DeepSpeed ZeRO and FSDP2.
 
 accelerate wraps the policy (`prepare`); these helpers cover what it leaves to the trainer:
 
@@ -42,9 +42,26 @@ def zero_stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def shards_parameters(accelerator) -> bool:
-    """Whether each process holds only a slice of every weight outside forward/backward (ZeRO-3)."""
-    return zero_stage(accelerator) == 3
+    """Whether each process holds only a slice of every weight outside forward/backward (ZeRO-3, FSDP)."""
+    return zero_stage(accelerator) == 3 or is_fsdp(accelerator)
+
+
+def _fsdp_modules(module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def check_supported(accelerator) -> None:
+    """FSDP1 wraps the policy in flat parameters that generate and the consolidated save do not unpack."""
+    if is_fsdp(accelerator) and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ValueError("FSDP: fastppo supports FSDP2 (torch fully_shard) only; set fsdp_version: 2 in the "
+                         "accelerate config (examples/accelerate/fsdp2.yaml)")
 
 
 def configure_deepspeed(accelerator, config) -> None:
@@ -110,6 +127,19 @@ def gathered(accelerator, model):
     if not shards_parameters(accelerator):
         yield
         return
+    if is_fsdp(accelerator):  # every fully_shard group unsharded and kept so until the end: no collectives
+        modules = _fsdp_modules(accelerator.unwrap_model(model))
+        reshard = accelerator.state.fsdp_plugin.reshard_after_forward
+        for module in modules:
+            module.unshard()
+            module.set_reshard_after_forward(False)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.set_reshard_after_forward(reshard)
+                module.reshard()
+        return
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters())):
@@ -126,6 +156,8 @@ def full_state_dict(accelerator, model) -> Optional[dict]:
     main = accelerator.is_main_process
     if not shards_parameters(accelerator):
         return {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()} if main else None
+    if is_fsdp(accelerator):
+        return _fsdp_full_state_dict(unwrapped, main)
     import deepspeed
 
     full, copies = {}, {}  # copies by parameter: tied weights stay one tensor, as save_pretrained expects
@@ -143,6 +175,21 @@ def full_state_dict(accelerator, model) -> Optional[dict]:
     for key, value in unwrapped.state_dict().items():  # the layout; parameters come from the gathered copy
         state[key] = full.get(BASE_PREFIX + key, full.get(key, value.detach().cpu()))
     return state
+
+
+def _fsdp_full_state_dict(unwrapped, main: bool) -> Optional[dict]:
+    """FSDP2: each DTensor made whole in turn (every process, the same order); tied weights stay one tensor."""
+    from torch.distributed.tensor import DTensor
+
+    state, copies = {}, {}  # by parameter object (keep_vars): the same on every process, so the same collectives
+    for key, value in unwrapped.state_dict(keep_vars=True).items():
+        if isinstance(value, DTensor):
+            if id(value) not in copies:
+                copies[id(value)] = value.full_tensor().detach().cpu()
+            value = copies[id(value)]
+        if main:
+            state[key] = value.detach().cpu()
+    return state if main else None
 
 
 def vocab_size(lm_head_weight: torch.Tensor) -> int:

@@ -94,7 +94,7 @@ class PPOTrainer:
             heads.check_plain_lm_head(model)
             if sharding.shards_parameters(self.accelerator):
                 raise ValueError("response_only_logits/fused_lm_head read the LM head's weight directly, which ZeRO-3 "
-                                 "shards across processes; leave both False under ZeRO-3")
+                                 "and FSDP shard across processes; leave both False there")
         if num_shared_layers is not None and (ref_model is not None or self.is_peft_model):
             warnings.warn("num_shared_layers is ignored: " + ("a ref_model was given" if ref_model is not None
                           else "a PEFT model's reference is its base with the adapter disabled, nothing is copied"))
@@ -113,6 +113,7 @@ class PPOTrainer:
         dataloader = None
         if dataset is not None:
             dataloader = self.prepare_dataloader(dataset, data_collator, model)
+        sharding.check_supported(self.accelerator)
         sharding.configure_deepspeed(self.accelerator, config)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.dataloader = self.accelerator.prepare(dataloader) if dataloader is not None else None
@@ -534,7 +535,8 @@ class PPOTrainer:
 
     def save_state(self, output_dir: str) -> None:
         """Save everything needed to resume: weights, optimizer, scheduler, RNGs (accelerate) and trainer counters."""
-        self.accelerator.save_state(output_dir)
+        with self._checkpoint_layout():
+            self.accelerator.save_state(output_dir)
         if self.accelerator.is_main_process:
             state = {"kl_coef": self.kl_ctl.value, "running": self.running.state_dict(),
                      "current_step": self.current_step, "highest_reward": self.highest_reward,
@@ -542,9 +544,19 @@ class PPOTrainer:
             with open(os.path.join(output_dir, "fastppo_trainer_state.json"), "w") as handle:
                 json.dump(state, handle, indent=2)
 
+    def _checkpoint_layout(self):
+        """FSDP2's sharded checkpoints address weights by module path, not by the value-head model's own keys."""
+        stack = contextlib.ExitStack()
+        if sharding.is_fsdp(self.accelerator):
+            for model in (self.model, self.ref_model):  # accelerate saves every model it prepared
+                if model is not None:
+                    stack.enter_context(self.accelerator.unwrap_model(model).module_key_layout())
+        return stack
+
     def load_state(self, input_dir: str) -> None:
         """Resume from a `save_state` directory."""
-        self.accelerator.load_state(input_dir)
+        with self._checkpoint_layout():
+            self.accelerator.load_state(input_dir)
         self.rollout_engine.weights_changed()
         with open(os.path.join(input_dir, "fastppo_trainer_state.json")) as handle:
             state = json.load(handle)

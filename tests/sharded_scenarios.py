@@ -39,9 +39,26 @@ def correct_cpu_deepspeed_state() -> None:
         state.local_process_index = int(os.environ.get("LOCAL_RANK", state.process_index))
 
 
+def select_fsdp_on_cpu() -> None:
+    """accelerate selects FSDP only on GPUs (on a CPU world its state stays MULTI_CPU). Under an FSDP
+    launch config, start that CPU world and switch its state to FSDP with the plugin the config
+    describes, as accelerate does itself with GPUs; the trainer's Accelerator then prepares the
+    policy with fully_shard. On GPUs this changes nothing."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    Accelerator(cpu=True)
+    PartialState().distributed_type = AcceleratorState().distributed_type = DistributedType.FSDP
+    AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
 def build(model_dir: str, tokenizer_dir: str) -> PPOTrainer:
     torch.set_num_threads(1)
     correct_cpu_deepspeed_state()
+    select_fsdp_on_cpu()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
@@ -64,10 +81,11 @@ def main(scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str) -> Non
     rank = trainer.accelerator.process_index
     report = {"world_size": trainer.config.world_size, "stats": {}, "engine": type(trainer.model).__name__,
               "zero_stage": sharding.zero_stage(trainer.accelerator),
-              "local_numel": sum(p.numel() for p in trainer.model.parameters())}
+              "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters())}
     if scenario == "run":
         queries, _, _ = make_batch(trainer.tokenizer, 2, seed=rank)
-        generated = trainer.generate(queries, batch_size=2, max_new_tokens=6, do_sample=False,
+        # ranks sample different lengths: nothing may wait on the other process while sampling
+        generated = trainer.generate(queries, batch_size=2, max_new_tokens=4 + 3 * rank, do_sample=False,
                                      return_prompt=False, remove_padding=False)
         report["generated"] = [t.tolist() for t in generated]
         report["stats"]["1"] = step(trainer, 1)

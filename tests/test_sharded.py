@@ -1,7 +1,7 @@
-"""Sharded training through accelerate with two CPU processes (gloo): DeepSpeed ZeRO-2 and ZeRO-3
-against DDP on the same global batch (tests/sharded_scenarios.py does the work in each process).
+"""Sharded training through accelerate with two CPU processes (gloo): DeepSpeed ZeRO-2, ZeRO-3 and
+FSDP2 against DDP on the same global batch (tests/sharded_scenarios.py does the work in each process).
 
-Per backend and model: greedy `generate` (ZeRO-3 gathers the weights for it), two SGD steps,
+Per backend and model: greedy `generate` (ZeRO-3 and FSDP2 gather the weights for it), two SGD steps,
 `save_state` after step 1 and `load_state` in fresh processes, the consolidated `save_pretrained`
 loaded by plain transformers. The examples/accelerate configs are the ones launched, with the
 process count and precision overridden for a CPU.
@@ -72,10 +72,12 @@ def ddp_runs(model_dirs, tokenizer_dir, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("backend,model", [("zero2", "gpt2"), ("zero3", "gpt2"), ("zero3", "llama")])
-def test_zero_trains_generates_saves_and_resumes_as_ddp(backend, model, model_dirs, tokenizer_dir, ddp_runs,
-                                                         tmp_path):
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("backend,model", [("zero2", "gpt2"), ("zero3", "gpt2"), ("zero3", "llama"), ("fsdp2", "gpt2"),
+                                           ("fsdp2", "llama")])
+def test_sharded_run_trains_generates_saves_and_resumes_as_ddp(backend, model, model_dirs, tokenizer_dir, ddp_runs,
+                                                                tmp_path):
+    if backend.startswith("zero"):
+        pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM
 
     baseline = ddp_runs(model)
@@ -83,10 +85,14 @@ def test_zero_trains_generates_saves_and_resumes_as_ddp(backend, model, model_di
     _launch(backend, "run", model_dirs[model], tokenizer_dir, out, port=29562)
     expected, got = _reports(baseline, "run"), _reports(out, "run")
     for rank in (0, 1):
-        assert got[rank]["world_size"] == 2 and got[rank]["engine"] == "DeepSpeedEngine"
-        assert got[rank]["zero_stage"] == int(backend[-1])
+        assert got[rank]["world_size"] == 2
+        if backend.startswith("zero"):
+            assert got[rank]["engine"] == "DeepSpeedEngine" and got[rank]["zero_stage"] == int(backend[-1])
         if backend == "zero3":  # weights are sharded: no process holds a whole tensor between passes
             assert got[rank]["local_numel"] == 0
+        if backend == "fsdp2":  # fully_shard: every process holds about half of every weight
+            assert got[rank]["engine"].startswith("FSDP")
+            assert got[rank]["local_numel"] < 0.6 * expected[rank]["local_numel"]
         assert got[rank]["generated"] == expected[rank]["generated"]  # greedy, from the gathered weights
         for step in ("1", "2"):  # SGD: reduction order aside, the same global batch gives the same update
             _assert_same_stats(got[rank]["stats"][step], expected[rank]["stats"][step])
@@ -140,3 +146,19 @@ def test_deepspeed_config_takes_ppoconfig_values_and_refuses_conflicting_ones():
     unclipped = {}
     sharding.configure_deepspeed(_fake_deepspeed_accelerator(unclipped), PPOConfig(max_grad_norm=None))
     assert unclipped["gradient_clipping"] == 0.0  # DeepSpeed's "no clipping"
+
+
+def test_fsdp1_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from fastppo import sharding
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        sharding.check_supported(fsdp)
+    fsdp.state.fsdp_plugin.fsdp_version = 2
+    sharding.check_supported(fsdp)
+    assert sharding.shards_parameters(fsdp) and not sharding.is_deepspeed(fsdp)
