@@ -26,4 +26,5 @@ from importlib.metadata import version
 print(f"torch=={version('torch')}\ntransformers=={version('transformers')}")
 PY
 pip_q -c "$constraints" -e ".[test,demo]"
+python -c "import deepspeed" >/dev/null 2>&1 || pip_q -c "$constraints" --no-build-isolation deepspeed==0.19.8
 rm -f "$constraints"

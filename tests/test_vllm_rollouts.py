@@ -96,6 +96,14 @@ def test_vllm_engine_syncs_merged_lora_weights(llama_dir, tokenizer_dir, tmp_pat
     assert result["ref_pairs"]  # the reference (the adapter-free base) still generates
 
 
+def test_vllm_engine_syncs_gathered_weights_under_zero3(llama_dir, tokenizer_dir, tmp_path):
+    """One process under DeepSpeed ZeRO-3: the policy holds partitions only, the engine gets whole weights."""
+    pytest.importorskip("deepspeed")
+    result = run_scenario("zero3", llama_dir, tokenizer_dir, tmp_path / "saved")
+    assert result["zero_stage"] == 3 and result["local_numel"] == 0
+    check_rounds(result["rounds"])
+
+
 def test_quickstart_runs_on_the_vllm_engine(llama_dir, tokenizer_dir, tmp_path):
     model_dir = checkpoint_with_tokenizer(llama_dir, tokenizer_dir, tmp_path / "tiny")
     out = tmp_path / "out"

@@ -150,7 +150,22 @@ def scenario_peft(model_dir, tokenizer, out_dir) -> dict:
     return result
 
 
-SCENARIOS = {"train": scenario_train, "peft": scenario_peft}
+def scenario_zero3(model_dir, tokenizer, out_dir) -> dict:
+    """One process under DeepSpeed ZeRO-3 (what `accelerate launch` with zero3.yaml sets up): the policy's
+    weights live as ZeRO-3 partitions, so every sync must push the gathered parameters."""
+    from fastppo import sharding
+
+    os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", LOCAL_RANK="0",
+                      RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29581")
+    trainer = trainer_for(model_dir, tokenizer, accelerator_kwargs={})
+    queries = [torch.tensor(q) for q in QUERIES]
+    result = {"zero_stage": sharding.zero_stage(trainer.accelerator),
+              "local_numel": sum(p.numel() for p in trainer.model.parameters())}
+    result["rounds"] = train_rounds(trainer, queries, 2)
+    return result
+
+
+SCENARIOS = {"train": scenario_train, "peft": scenario_peft, "zero3": scenario_zero3}
 
 
 def main(argv) -> None:
