@@ -15,9 +15,9 @@ import os
 from collections import defaultdict
 
 PROVIDER_ORDER = ("eager", "reference", "compile", "fastppo", "fastppo-inplace", "liger", "torch", "triton",
-                  "triton-fused")
+                  "triton-fused", "padded", "padding-free", "padding-free+budget")
 OP_ORDER = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd", "linear_logprobs",
-            "step", "step_longest")
+            "step", "step_longest", "ragged")
 OP_TITLES = {
     "logprobs_fwd": "logprobs_from_logits — forward",
     "logprobs_fwd_bwd": "logprobs_from_logits — forward + backward",
@@ -223,6 +223,30 @@ def skip_notes(skips, key: str) -> list:
     return lines + [""]
 
 
+def ragged_section(rows, skips) -> list:
+    """bench_ragged.py: one ragged batch, padded against packed rows."""
+    lines = ["## PPOTrainer.step on a ragged batch: padded vs padding_free", ""]
+    if rows:
+        info = rows[0]["extra_info"]
+        lines += [f"{info['shape'][0]} rows, sequence lengths {min(info['lengths'])}–{max(info['lengths'])} "
+                  f"(query + log-uniform response), {info['dtype']}, the model of the step section, 1 PPO epoch, "
+                  f"backend torch. Pads are {fmt(100 * info['pad_share'])} % of the padded batch's positions. "
+                  "tokens/s counts real tokens only; the budget variant uses max_tokens_per_microbatch = the "
+                  "longest sequence.", "",
+                  "| variant | median ms | real tokens/s | × padded | peak MiB | pad share of positions run |",
+                  "|---|---|---|---|---|---|"]
+        padded = next((r for r in rows if r["extra_info"]["provider"] == "padded"), None)
+        for bench in sorted(rows, key=lambda r: provider_key(r["extra_info"]["provider"])):
+            info = bench["extra_info"]
+            speedup = (info["tokens_per_s"] / padded["extra_info"]["tokens_per_s"]) if padded else None
+            share = info["pad_share"] if info["provider"] == "padded" else 0.0
+            lines.append(f"| {info['provider']} | {fmt(info['median_ms'])} | {fmt(info['tokens_per_s'])} | "
+                         f"{fmt(speedup)} | {mib(info.get('peak_bytes'))} | {fmt(100 * share)} % |")
+    for skip in skips:
+        lines.append(f"| {skip['params'].get('variant', '?')} | {skip['reason']} | — | — | — | — |")
+    return lines + [""]
+
+
 def step_section(rows, longest, skips) -> list:
     lines = ["## PPOTrainer.step, end to end", ""]
     sample = (rows or longest)[0]["extra_info"]
@@ -359,7 +383,7 @@ def bars_section(machine, groups) -> list:
 def plot_panels(groups: dict) -> list:
     """One panel per op: (title, baseline, x label, {provider: [(x, speedup over baseline, peak MiB)]})."""
     panels = []
-    for group in [g for g in sorted(groups, key=op_key) if g != "step_longest"]:
+    for group in [g for g in sorted(groups, key=op_key) if g not in ("step_longest", "ragged")]:
         rows = groups[group]
         dtypes = {r["extra_info"].get("dtype") for r in rows}
         dtype = "bf16" if "bf16" in dtypes else sorted(dtypes)[0]  # the GPU bars' dtype where there is one
@@ -415,12 +439,14 @@ def write_report(json_paths, out_dir: str, command: str = "bash bench/run.sh") -
     lines += bars_section(machine, groups)
     lines += method_notes(machine, benchmarks)
     for group in sorted(set(groups) | set(skips), key=op_key):
-        if group in ("step", "step_longest"):
+        if group in ("step", "step_longest", "ragged"):
             continue
         lines += op_section(group, groups.get(group, []), skips.get(group, []))
     if groups.get("step") or groups.get("step_longest"):
         lines += step_section(groups.get("step", []), groups.get("step_longest", []),
                               skips.get("step", []) + skips.get("step_longest", []))
+    if groups.get("ragged") or skips.get("ragged"):
+        lines += ragged_section(groups.get("ragged", []), skips.get("ragged", []))
     path = os.path.join(out_dir, "RESULTS.md")
     with open(path, "w") as handle:
         handle.write("\n".join(lines).rstrip() + "\n")

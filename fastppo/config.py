@@ -136,6 +136,10 @@ class PPOConfig:
     """Log-probs straight from hidden states and the LM head weight (`ops.linear_logprobs`), never holding [N, V] logits; implies response_only_logits."""
     rollout_batch_size: Optional[int] = None
     """Rows per forward pass of the no-grad rollout (policy and reference); None: mini_batch_size, as TRL."""
+    padding_free: bool = False
+    """Pack each forward pass's sequences into one row (position ids restart per sequence): no pad token reaches the model; same math."""
+    max_tokens_per_microbatch: Optional[int] = None
+    """Forward passes grouped by token count (rows in order, at most this many tokens each; a longer row alone): the rollout's instead of rollout_batch_size rows, and each mini-batch's, gradients accumulated token-weighted."""
     rollout_engine: str = "hf"
     """Engine that samples `generate`'s responses: "hf" (the model's own generate, as TRL) or "vllm" (colocated vLLM, synced with the policy)."""
     vllm_kwargs: dict = field(default_factory=dict)
@@ -194,6 +198,14 @@ class PPOConfig:
             or self.rollout_batch_size < 1
         ):
             raise ValueError(f"PPOConfig.rollout_batch_size must be a positive integer or None, got {self.rollout_batch_size!r}")
+        if self.max_tokens_per_microbatch is not None and (
+            isinstance(self.max_tokens_per_microbatch, bool) or not isinstance(self.max_tokens_per_microbatch, int)
+            or self.max_tokens_per_microbatch < 1
+        ):
+            raise ValueError("PPOConfig.max_tokens_per_microbatch must be a positive integer or None, "
+                             f"got {self.max_tokens_per_microbatch!r}")
+        if not isinstance(self.padding_free, bool):
+            raise ValueError(f"PPOConfig.padding_free must be True or False, got {self.padding_free!r}")
         if self.fused_lm_head and self.kl_penalty == "full":
             raise ValueError("PPOConfig.fused_lm_head=True cannot compute kl_penalty='full' (it needs full logits); "
                              "use response_only_logits=True instead")

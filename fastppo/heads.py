@@ -64,21 +64,24 @@ def token_outputs(
     mode: str,
     backend: str,
     return_entropy: bool = False,
+    **model_kwargs,
 ) -> TokenOutputs:
     """Run `model` (possibly accelerate-wrapped; `unwrapped` is the bare module) on a batch.
 
     input_ids, attention_mask `[b, L]`; mask `[b, L-1]` marks the response positions.
+    `model_kwargs` go to the model (a packed batch's `position_ids`, `use_cache=False`).
     """
     labels = input_ids[:, 1:]
     if mode == "full":
-        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=False)
+        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=False,
+                                  **model_kwargs)
         logits = logits[:, :-1]
         out = ops.logprobs_from_logits(logits, labels, return_entropy=return_entropy, backend=backend,
                                        inplace_backward=True)
         logprobs, entropy = out if return_entropy else (out, None)
         return TokenOutputs(logprobs, entropy, values[:, :-1], logits)
 
-    hidden, _, values = model(input_ids=input_ids, attention_mask=attention_mask, output="hidden")
+    hidden, _, values = model(input_ids=input_ids, attention_mask=attention_mask, output="hidden", **model_kwargs)
     positions = mask.bool()
     response_hidden = hidden[:, :-1][positions]  # [n, H]
     response_labels = labels[positions]

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import heads, inputs, ops, sharding, stats as step_statistics
+from . import heads, inputs, ops, packing, sharding, stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
@@ -114,6 +114,9 @@ class PPOTrainer:
         if dataset is not None:
             dataloader = self.prepare_dataloader(dataset, data_collator, model)
         sharding.check_supported(self.accelerator)
+        if config.max_tokens_per_microbatch is not None and sharding.is_deepspeed(self.accelerator):
+            raise ValueError("max_tokens_per_microbatch: DeepSpeed's engine steps the optimizer after a fixed count "
+                             "of backward passes, which token-budget micro-batches vary; leave it None under DeepSpeed")
         sharding.configure_deepspeed(self.accelerator, config)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.dataloader = self.accelerator.prepare(dataloader) if dataloader is not None else None
@@ -122,6 +125,12 @@ class PPOTrainer:
         if ref_model is not None:
             self.ref_model = sharding.prepare_reference(self.accelerator, ref_model, config.mini_batch_size)
         self.current_device = self.accelerator.device
+        if config.padding_free:  # proven on the model itself: packed logits equal unpacked ones
+            for name, candidate in (("the policy", self.model), ("the reference", self.ref_model)):
+                if candidate is not None:
+                    packing.check_model_packs(candidate, self.vocab_size, self.current_device,
+                                              name=f"{name} ({type(self.unwrapped_model.causal_lm).__name__}, "
+                                                   f"attention {self.unwrapped_model.config._attn_implementation})")
         self.hf_engine = HFEngine(self.accelerator, tokenizer)
         self.rollout_engine = self.hf_engine
         if config.rollout_engine == "vllm":
@@ -363,28 +372,75 @@ class PPOTrainer:
             out[row, len(query) - 1: len(query) - 1 + len(row_values)] = row_values
         return out
 
-    def _forward(self, model, input_ids, attention_mask, mask, return_entropy: bool = False) -> heads.TokenOutputs:
-        """Next-token log-probs (and entropies) and values `[b, L-1]`, through the configured LM-head path."""
-        return heads.token_outputs(model, self.accelerator.unwrap_model(model), input_ids, attention_mask, mask,
-                                   self.head_mode, self.config.backend, return_entropy=return_entropy)
+    def _forward(self, model, input_ids, attention_mask, mask, return_entropy: bool = False,
+                 packed: Optional[packing.Packed] = None) -> heads.TokenOutputs:
+        """Next-token log-probs (and entropies) and values `[b, L-1]`, through the configured LM-head path;
+        with `packed`, of the packed row `[1, N-1]` instead (see fastppo.packing)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if packed is None:
+            return heads.token_outputs(model, unwrapped, input_ids, attention_mask, mask, self.head_mode,
+                                       self.config.backend, return_entropy=return_entropy)
+        return heads.token_outputs(model, unwrapped, packed.input_ids, None, packed.mask, self.head_mode,
+                                   self.config.backend, return_entropy=return_entropy,
+                                   position_ids=packed.position_ids, use_cache=False)
+
+    def _pack(self, input_ids, attention_mask, mask) -> Optional[packing.Packed]:
+        return packing.pack(input_ids, attention_mask, mask) if self.config.padding_free else None
+
+    def _rollout_chunks(self, attention_mask) -> list:
+        """Row slices of the rollout's forward passes: `rollout_batch_size` rows, or by token count."""
+        if self.config.max_tokens_per_microbatch is None:
+            chunk = self.config.rollout_batch_size or self.config.mini_batch_size
+            return [slice(start, start + chunk) for start in range(0, attention_mask.shape[0], chunk)]
+        return self._token_budget_chunks(attention_mask)
+
+    def _token_budget_chunks(self, attention_mask) -> list:
+        """Consecutive row slices of at most `max_tokens_per_microbatch` tokens each (a longer row alone).
+
+        A slice's tokens are what it sends through the model: its real tokens when packed, rows ×
+        width when padded. Every process makes as many slices as the process with most (splitting its
+        largest ones), so forward and backward passes stay in step across processes.
+        """
+        budget = self.config.max_tokens_per_microbatch
+        lengths = attention_mask.sum(1).tolist()
+        width = attention_mask.shape[1]
+        chunks, start, tokens = [], 0, 0
+        for row, length in enumerate(lengths):
+            cost = length if self.config.padding_free else width
+            if row > start and tokens + cost > budget:
+                chunks.append(slice(start, row))
+                start, tokens = row, 0
+            tokens += cost
+        chunks.append(slice(start, len(lengths)))
+        if self.config.world_size > 1:
+            count = torch.tensor([len(chunks)], device=self.current_device)
+            wanted = int(self.accelerator.gather(count).max())
+            while len(chunks) < wanted:
+                widest = max(range(len(chunks)), key=lambda i: chunks[i].stop - chunks[i].start)
+                piece = chunks[widest]
+                middle = (piece.start + piece.stop) // 2
+                chunks[widest: widest + 1] = [slice(piece.start, middle), slice(middle, piece.stop)]
+        return chunks
 
     @torch.no_grad()
     def _rollout(self, input_ids, attention_mask, mask) -> Rollout:
         """Policy and reference forward passes over the batch, `rollout_batch_size` rows at a time."""
         full = self.config.kl_penalty == "full"
-        chunk = self.config.rollout_batch_size or self.config.mini_batch_size
         self.model.eval()
         parts = {"logprobs": [], "ref_logprobs": [], "values": [], "full_kl": []}
-        for start in range(0, input_ids.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            policy = self._forward(self.model, input_ids[rows], attention_mask[rows], mask[rows])
+        for rows in self._rollout_chunks(attention_mask):
+            packed = self._pack(input_ids[rows], attention_mask[rows], mask[rows])
+            policy = self._forward(self.model, input_ids[rows], attention_mask[rows], mask[rows], packed=packed)
             with self._reference_context():
-                reference = self._forward(self._reference_model(), input_ids[rows], attention_mask[rows], mask[rows])
-            parts["logprobs"].append(policy.logprobs)
-            parts["ref_logprobs"].append(reference.logprobs)
-            parts["values"].append(policy.values.float())
+                reference = self._forward(self._reference_model(), input_ids[rows], attention_mask[rows], mask[rows],
+                                          packed=packed)
+            grid = (lambda values: values) if packed is None else (lambda values: packing.unpack(values, packed))
+            parts["logprobs"].append(grid(policy.logprobs))
+            parts["ref_logprobs"].append(grid(reference.logprobs))
+            parts["values"].append(grid(policy.values.float()))
             if full:
-                parts["full_kl"].append(heads.full_kl(policy, reference, mask[rows], self.config.backend))
+                kl_mask = mask[rows] if packed is None else packed.mask
+                parts["full_kl"].append(grid(heads.full_kl(policy, reference, kl_mask, self.config.backend)))
             del policy, reference
             self._maybe_clear_cache()
         return Rollout(
@@ -450,6 +506,21 @@ class PPOTrainer:
         }
         return step_statistics.average_minibatch_stats(per_minibatch), counters
 
+    def _loss(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask,
+              rollout_logprobs=None):
+        """The training forward and the PPO loss of some rows: (PPOLossOutput, entropy `[b, L-1]`)."""
+        config = self.config
+        packed = self._pack(input_ids, attention_mask, mask)
+        logprobs, entropy, values, _ = self._forward(self.model, input_ids, attention_mask, mask, return_entropy=True,
+                                                     packed=packed)
+        if packed is not None:  # back to the [b, L-1] grid: the loss and its statistics run as on padded rows
+            logprobs, entropy, values = (packing.unpack(x, packed) for x in (logprobs, entropy, values))
+        out = ops.ppo_loss(logprobs, old_logprobs, values.float(), old_values, advantages, returns, mask,
+                           config.cliprange, config.cliprange_value, config.vf_coef, backend=config.backend,
+                           dual_clip=config.dual_clip, rollout_logprobs=rollout_logprobs,
+                           rollout_is_cap=config.rollout_is_cap)
+        return out, entropy
+
     def _train_minibatch(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask,
                          rollout_logprobs=None):
         """Forward (eval mode, as TRL), loss, backward, optimizer step for one mini-batch."""
@@ -457,17 +528,18 @@ class PPOTrainer:
         # Dropout never applies (TRL runs this in eval mode); gradient checkpointing needs train
         # mode, so with it dropout was disabled at construction instead.
         self.model.train(config.gradient_checkpointing)
-        logprobs, entropy, values, _ = self._forward(self.model, input_ids, attention_mask, mask, return_entropy=True)
-        out = ops.ppo_loss(logprobs, old_logprobs, values.float(), old_values, advantages, returns, mask,
-                           config.cliprange, config.cliprange_value, config.vf_coef, backend=self.config.backend,
-                           dual_clip=config.dual_clip, rollout_logprobs=rollout_logprobs,
-                           rollout_is_cap=config.rollout_is_cap)
-        # TRL's loss-spike guard: zero the loss of a mini-batch whose mean ratio is too high
-        # (as a tensor op, so no host sync per mini-batch).
-        skip = out.ratio_mean > config.ratio_threshold
-        keep = (~skip).float()
-        out = out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
-        self.accelerator.backward(out.loss)
+        tensors = (input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask, rollout_logprobs)
+        micro = self._token_budget_chunks(attention_mask) if config.max_tokens_per_microbatch is not None else []
+        if len(micro) > 1:
+            out, entropy, skip = self._backward_microbatches(micro, tensors)
+        else:
+            out, entropy = self._loss(*tensors)
+            # TRL's loss-spike guard: zero the loss of a mini-batch whose mean ratio is too high
+            # (as a tensor op, so no host sync per mini-batch).
+            skip = out.ratio_mean > config.ratio_threshold
+            keep = (~skip).float()
+            out = out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
+            self.accelerator.backward(out.loss)
         if config.max_grad_norm is not None and self.accelerator.sync_gradients:
             self.accelerator.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], config.max_grad_norm
@@ -478,6 +550,41 @@ class PPOTrainer:
             stats = step_statistics.minibatch_stats(out, entropy, advantages, returns, old_values, mask,
                                                     config.vf_coef)
         return stats, skip
+
+    def _backward_microbatches(self, micro: list, tensors: tuple):
+        """One mini-batch's gradient from token-budget micro-batches: (PPOLossOutput, entropy, skip).
+
+        Every term of the PPO loss is a masked mean over the mini-batch's response tokens, so the
+        micro-batch with n_i of its N tokens contributes its own loss × n_i / N: the accumulated
+        gradient is the unsplit mini-batch's. TRL's ratio guard needs the whole mini-batch's mean
+        ratio before any backward: a no-grad pass over the micro-batches finds it first.
+        """
+        mask = tensors[6]
+        total = mask.sum().float()
+        weights = [mask[rows].sum().float() / total for rows in micro]
+        part = lambda rows: [t[rows] if t is not None else None for t in tensors]  # noqa: E731
+        with torch.no_grad():
+            ratio_mean = sum(w * self._loss(*part(rows))[0].ratio_mean for rows, w in zip(micro, weights))
+        skip = ratio_mean > self.config.ratio_threshold
+        keep = (~skip).float()
+        outs, entropies = [], []
+        for index, (rows, weight) in enumerate(zip(micro, weights)):
+            last = index == len(micro) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            with sync:  # one gradient all-reduce per mini-batch, after its last micro-batch
+                out, entropy = self._loss(*part(rows))
+                self.accelerator.backward(out.loss * weight * keep)
+            outs.append(out)
+            entropies.append(entropy.detach())
+        combined = {}
+        for field, first in outs[0]._asdict().items():
+            if first is None or field == "ratio":
+                combined[field] = None if first is None else torch.cat([o.ratio for o in outs])
+            else:  # masked means over a micro-batch → over the mini-batch
+                combined[field] = sum(w * getattr(o, field).detach() for o, w in zip(outs, weights))
+        out = type(outs[0])(**combined)
+        out = out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
+        return out, torch.cat(entropies), skip
 
     def _maybe_clear_cache(self) -> None:
         """TRL's `optimize_device_cache`: hand cached accelerator memory back after each pass."""

@@ -62,8 +62,9 @@ def build(model_dir: str, tokenizer_dir: str) -> PPOTrainer:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
+    switches = json.loads(os.environ.get("FASTPPO_SCENARIO_SWITCHES", "{}"))  # extra PPOConfig fields
     config = PPOConfig(batch_size=2, mini_batch_size=1, ppo_epochs=2, learning_rate=0.1, use_score_scaling=True,
-                       max_grad_norm=None, seed=0)
+                       max_grad_norm=None, seed=0, **switches)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     return PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
 

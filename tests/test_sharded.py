@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -23,11 +25,13 @@ SCRIPT = os.path.join(HERE, "sharded_scenarios.py")
 pytestmark = pytest.mark.slow
 
 
-def _launch(backend: str, scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str, port: int) -> None:
+def _launch(backend: str, scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str, port: int,
+            switches: Optional[dict] = None) -> None:
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
-    env = dict(os.environ, OMP_NUM_THREADS="1", FASTPPO_BACKEND="torch")
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTPPO_BACKEND="torch",
+               FASTPPO_SCENARIO_SWITCHES=json.dumps(switches or {}))
     env.pop("TRITON_INTERPRET", None)
     if backend == "ddp":  # accelerate starts a CPU world only with --multi_gpu and cpu=True (NOTES.md)
         env["ACCELERATE_USE_CPU"] = "true"
@@ -162,3 +166,22 @@ def test_fsdp1_is_refused_by_name():
     fsdp.state.fsdp_plugin.fsdp_version = 2
     sharding.check_supported(fsdp)
     assert sharding.shards_parameters(fsdp) and not sharding.is_deepspeed(fsdp)
+
+
+def test_fsdp2_with_packed_token_budget_micro_batches_trains_as_padded_ddp(model_dirs, tokenizer_dir, ddp_runs,
+                                                                           tmp_path):
+    """padding_free + a 14-token budget under FSDP2: at step 1 rank 0 needs two rollout passes (6 + 10 tokens),
+    rank 1 one (8 + 5); the counts are evened out
+    so that every sharded forward has its partner on the other process."""
+    baseline = ddp_runs("llama")
+    out = str(tmp_path)
+    _launch("fsdp2", "run", model_dirs["llama"], tokenizer_dir, out, port=29564,
+            switches={"padding_free": True, "max_tokens_per_microbatch": 14})
+    expected, got = _reports(baseline, "run"), _reports(out, "run")
+    for rank in (0, 1):
+        for step in ("1", "2"):
+            for key, value in expected[rank]["stats"][step].items():  # packed attention: float noise, not bits
+                assert got[rank]["stats"][step][key] == pytest.approx(value, rel=2e-4, abs=2e-5), key
+    saved, reference = _weights(os.path.join(out, "model")), _weights(os.path.join(baseline, "model"))
+    for key, value in reference.items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-5, msg=key)

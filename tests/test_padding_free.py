@@ -1,0 +1,144 @@
+"""padding_free=True (packed forward passes) and max_tokens_per_microbatch (rollout grouped by tokens)
+train exactly as padded batches do; a model that attends across packed sequences is refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_batch
+from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, packing
+from tolerances import TRAINER
+
+SGD_WEIGHTS = dict(atol=1e-5, rtol=1e-4)  # SGD: float noise stays float noise in the weights
+
+
+def _train(model_dir, tokenizer, steps=2, model_kwargs=None, **config_kwargs):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir, **(model_kwargs or {}))
+    settings = dict(batch_size=8, mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=2, learning_rate=0.1)
+    settings.update(config_kwargs)
+    config = PPOConfig(**settings)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    trainer = PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
+    results = []
+    for seed in range(steps):  # ragged: queries of 2–6 tokens, responses of 1–24
+        queries, responses, scores = make_batch(tokenizer, 8, seed=seed, max_response=24)
+        _, _, mask = trainer._pad_batch(queries, responses, None)
+        results.append((trainer.step(queries, responses, scores), mask.cpu().numpy().astype(bool)))
+    return trainer, results
+
+
+def _assert_same_training(baseline, candidate):
+    (base_trainer, base_results), (trainer, results) = baseline, candidate
+    for (expected, mask), (got, _) in zip(base_results, results):
+        for key, value in expected.items():
+            if key.startswith("time/") or key == "fastppo/tokens_per_s":
+                continue
+            want, have = np.asarray(value, dtype=np.float64), np.asarray(got[key], dtype=np.float64)
+            if key in ("objective/logprobs", "objective/ref_logprobs"):
+                want, have = want[mask], have[mask]  # pad positions: not computed when packed
+            if key in ("ppo/policy/advantages", "ppo/policy/ratio"):
+                continue  # per-position distributions include off-response positions
+            np.testing.assert_allclose(have, want, err_msg=key, **TRAINER)
+    expected_state = base_trainer.unwrapped_model.state_dict()
+    for key, value in trainer.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **SGD_WEIGHTS)
+
+
+@pytest.mark.parametrize("head", ["full", "fused"])
+def test_padding_free_trains_the_same(model_dir, tokenizer, head, monkeypatch):
+    switches = {"fused_lm_head": True} if head == "fused" else {}
+    baseline = _train(model_dir, tokenizer, **switches)
+    seen = []  # what the model was fed: one packed row per pass, no pad token
+    pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda *args: seen.append(pack(*args)) or seen[-1])
+    candidate = _train(model_dir, tokenizer, padding_free=True, **switches)
+    # 2 steps × (4 rollout passes of mini_batch_size rows + 2 epochs × 4 mini-batches)
+    assert len(seen) == 24 and all(p.input_ids.shape[0] == 1 and (p.input_ids != 0).all() for p in seen)
+    _assert_same_training(baseline, candidate)
+
+
+def test_padding_free_with_full_kl_and_gradient_checkpointing(gpt2_dir, tokenizer):
+    switches = dict(kl_penalty="full", whiten_rewards=True, gradient_checkpointing=True)
+    baseline = _train(gpt2_dir, tokenizer, **switches)
+    _assert_same_training(baseline, _train(gpt2_dir, tokenizer, padding_free=True, **switches))
+
+
+def test_padding_free_with_a_lora_policy(model_dirs, tokenizer):
+    llama_dir = model_dirs["llama"]
+    peft = pytest.importorskip("peft")
+    lora = {"peft_config": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           task_type="CAUSAL_LM")}
+    baseline = _train(llama_dir, tokenizer, steps=1, model_kwargs=lora)
+    _assert_same_training(baseline, _train(llama_dir, tokenizer, steps=1, model_kwargs=lora, padding_free=True))
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("ratio_threshold", [10.0, 1.0000001], ids=["guard-idle", "guard-skips"])
+def test_token_budget_micro_batches_change_nothing(gpt2_dir, tokenizer, padding_free, ratio_threshold, monkeypatch):
+    """Rollout passes and each mini-batch split by a 40-token budget: the same stats and weights, TRL's
+    ratio guard included (a tiny threshold makes it skip mini-batches, decided on the whole mini-batch)."""
+    switches = dict(padding_free=padding_free, ratio_threshold=ratio_threshold)
+    baseline = _train(gpt2_dir, tokenizer, **switches)
+    fed = []  # tokens of every training/rollout forward pass
+    forward = PPOTrainer._forward
+
+    def recording(self, model, input_ids, attention_mask, mask, return_entropy=False, packed=None):
+        fed.append((packed.input_ids.numel() if packed is not None else input_ids.numel(), input_ids.shape[0]))
+        return forward(self, model, input_ids, attention_mask, mask, return_entropy, packed)
+
+    monkeypatch.setattr(PPOTrainer, "_forward", recording)
+    budgeted = _train(gpt2_dir, tokenizer, max_tokens_per_microbatch=40, **switches)
+    assert all(tokens <= 40 or rows == 1 for tokens, rows in fed)  # a longer row goes alone
+    assert any(rows == 1 for _, rows in fed)  # mini-batches of 2 rows were split
+    if ratio_threshold < 2:
+        assert any(stats["fastppo/skipped_minibatches"] > 0 for stats, _ in budgeted[1])
+    _assert_same_training(baseline, budgeted)
+
+
+def test_token_budget_groups_rows_in_order_and_a_long_row_alone(gpt2_dir, tokenizer):
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, padding_free=True, max_tokens_per_microbatch=30)
+    trainer = PPOTrainer(config, model, None, tokenizer)
+    lengths = [10, 15, 60, 12]  # 10 + 15 fit; 60 is over the budget on its own; 12 starts afresh
+    attention_mask = torch.zeros(4, 60, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        attention_mask[row, :length] = 1
+    assert trainer._rollout_chunks(attention_mask) == [slice(0, 2), slice(2, 3), slice(3, 4)]
+    trainer.config.padding_free = False  # padded rows each cost the batch's width (60): one row per pass
+    assert trainer._rollout_chunks(attention_mask) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4)]
+
+
+def test_pack_and_unpack_place_every_position():
+    input_ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
+    attention_mask = (input_ids != 0).long()
+    attention_mask[2] = 1
+    mask = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 0, 1]])
+    packed = packing.pack(input_ids, attention_mask, mask)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    # packed position p predicts token p+1: 7→8 and 9→1 cross a boundary and are never in the mask
+    assert packed.mask.tolist() == [[0, 1, 0, 1, 0, 0, 0, 1]]
+    values = torch.arange(1.0, 9.0)[None]  # one value per packed position
+    assert packing.unpack(values, packed).tolist() == [[1, 2, 0], [4, 0, 0], [6, 7, 8]]
+
+
+def test_a_model_that_attends_across_packed_sequences_is_refused(gpt2_dir, tokenizer):
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    forward = model.pretrained_model.forward
+
+    def ignoring_positions(*args, position_ids=None, **kwargs):  # as a model without packed-sequence support
+        return forward(*args, **kwargs)
+
+    model.pretrained_model.forward = ignoring_positions
+    with pytest.raises(ValueError, match="padding_free.*attends across packed sequences"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1, padding_free=True), model, None, tokenizer)
+    PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1), model, None, tokenizer)  # padded batches stay fine
+
+
+def test_bad_budget_and_switch_values_are_refused():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
+            PPOConfig(max_tokens_per_microbatch=bad)
+    with pytest.raises(ValueError, match="padding_free"):
+        PPOConfig(padding_free="yes")
