@@ -27,9 +27,10 @@ json="$out/results${part:+-$part}.json"
 rm -f "$json.partial"
 "$python" -m pytest bench --benchmark-json "$json.partial" "$@"
 status=$?
-if [ -f "$json.partial" ]; then  # no new JSON (pytest failed to start): no report from an old one
+if [ -s "$json.partial" ]; then  # no new JSON (pytest failed to start, an empty file): no report from an old one
     mv "$json.partial" "$json"
     if [ -n "$part" ]; then reports=("$out"/results-*.json); else reports=("$json"); fi
     "$python" bench/report.py "${reports[@]}" --out "$out" || status=$?
 fi
+rm -f "$json.partial"
 exit $status

@@ -126,9 +126,11 @@ class PPOTrainer:
             self.ref_model = sharding.prepare_reference(self.accelerator, ref_model, config.mini_batch_size)
         self.current_device = self.accelerator.device
         if config.padding_free:  # proven on the model itself: packed logits equal unpacked ones
+            float32 = self.accelerator.mixed_precision == "no" and all(
+                p.dtype == torch.float32 for p in self.unwrapped_model.parameters())
             for name, candidate in (("the policy", self.model), ("the reference", self.ref_model)):
                 if candidate is not None:
-                    packing.check_model_packs(candidate, self.vocab_size, self.current_device,
+                    packing.check_model_packs(candidate, self.vocab_size, self.current_device, float32=float32,
                                               name=f"{name} ({type(self.unwrapped_model.causal_lm).__name__}, "
                                                    f"attention {self.unwrapped_model.config._attn_implementation})")
         self.hf_engine = HFEngine(self.accelerator, tokenizer)

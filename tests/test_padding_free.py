@@ -45,9 +45,9 @@ def _assert_same_training(baseline, candidate):
         torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **SGD_WEIGHTS)
 
 
-@pytest.mark.parametrize("head", ["full", "fused"])
+@pytest.mark.parametrize("head", ["full", "response", "fused"])
 def test_padding_free_trains_the_same(model_dir, tokenizer, head, monkeypatch):
-    switches = {"fused_lm_head": True} if head == "fused" else {}
+    switches = {"fused": {"fused_lm_head": True}, "response": {"response_only_logits": True}}.get(head, {})
     baseline = _train(model_dir, tokenizer, **switches)
     seen = []  # what the model was fed: one packed row per pass, no pad token
     pack = packing.pack
@@ -142,3 +142,24 @@ def test_bad_budget_and_switch_values_are_refused():
             PPOConfig(max_tokens_per_microbatch=bad)
     with pytest.raises(ValueError, match="padding_free"):
         PPOConfig(padding_free="yes")
+
+
+@pytest.fixture()
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; mixed precision can only be chosen on a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_padding_free_under_bf16_mixed_precision(gpt2_dir, tokenizer, fresh_accelerator_state):
+    switches = dict(steps=1, fused_lm_head=True, accelerator_kwargs={"mixed_precision": "bf16"})
+    baseline = _train(gpt2_dir, tokenizer, **switches)
+    trainer, results = _train(gpt2_dir, tokenizer, padding_free=True, **switches)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    (expected, mask), (got, _) = baseline[1][0], results[0]
+    assert (got["objective/logprobs"][mask] <= 0).all()
+    for key in ("ppo/loss/total", "ppo/loss/value", "ppo/policy/entropy", "ppo/val/mean", "objective/entropy"):
+        assert np.isfinite(got[key]) and got[key] == pytest.approx(expected[key], rel=3e-2, abs=3e-3), key
