@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import heads, inputs, ops, packing, sharding, stats as step_statistics
+from . import heads, inputs, microbatch, ops, packing, sharding, stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
@@ -403,26 +403,15 @@ class PPOTrainer:
         width when padded. Every process makes as many slices as the process with most (splitting its
         largest ones), so forward and backward passes stay in step across processes.
         """
-        budget = self.config.max_tokens_per_microbatch
-        lengths = attention_mask.sum(1).tolist()
-        width = attention_mask.shape[1]
-        chunks, start, tokens = [], 0, 0
-        for row, length in enumerate(lengths):
-            cost = length if self.config.padding_free else width
-            if row > start and tokens + cost > budget:
-                chunks.append(slice(start, row))
-                start, tokens = row, 0
-            tokens += cost
-        chunks.append(slice(start, len(lengths)))
+        if self.config.padding_free:
+            costs = attention_mask.sum(1).tolist()
+        else:
+            costs = [attention_mask.shape[1]] * attention_mask.shape[0]
+        slices = microbatch.token_budget_slices(costs, self.config.max_tokens_per_microbatch)
         if self.config.world_size > 1:
-            count = torch.tensor([len(chunks)], device=self.current_device)
-            wanted = int(self.accelerator.gather(count).max())
-            while len(chunks) < wanted:
-                widest = max(range(len(chunks)), key=lambda i: chunks[i].stop - chunks[i].start)
-                piece = chunks[widest]
-                middle = (piece.start + piece.stop) // 2
-                chunks[widest: widest + 1] = [slice(piece.start, middle), slice(middle, piece.stop)]
-        return chunks
+            count = torch.tensor([len(slices)], device=self.current_device)
+            slices = microbatch.split_to_count(slices, int(self.accelerator.gather(count).max()))
+        return slices
 
     @torch.no_grad()
     def _rollout(self, input_ids, attention_mask, mask) -> Rollout:
@@ -578,13 +567,7 @@ class PPOTrainer:
                 self.accelerator.backward(out.loss * weight * keep)
             outs.append(out)
             entropies.append(entropy.detach())
-        combined = {}
-        for field, first in outs[0]._asdict().items():
-            if first is None or field == "ratio":
-                combined[field] = None if first is None else torch.cat([o.ratio for o in outs])
-            else:  # masked means over a micro-batch → over the mini-batch
-                combined[field] = sum(w * getattr(o, field).detach() for o, w in zip(outs, weights))
-        out = type(outs[0])(**combined)
+        out = microbatch.combine_loss_outputs(outs, weights)
         out = out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
         return out, torch.cat(entropies), skip
 

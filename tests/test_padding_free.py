@@ -163,3 +163,12 @@ def test_padding_free_under_bf16_mixed_precision(gpt2_dir, tokenizer, fresh_acce
     assert (got["objective/logprobs"][mask] <= 0).all()
     for key in ("ppo/loss/total", "ppo/loss/value", "ppo/policy/entropy", "ppo/val/mean", "objective/entropy"):
         assert np.isfinite(got[key]) and got[key] == pytest.approx(expected[key], rel=3e-2, abs=3e-3), key
+
+
+def test_pass_counts_even_out_by_halving_the_widest_slices():
+    from fastppo import microbatch
+
+    assert microbatch.token_budget_slices([5, 5, 30, 4, 4, 4], budget=12) == [slice(0, 2), slice(2, 3), slice(3, 6)]
+    evened = microbatch.split_to_count([slice(0, 2), slice(2, 3), slice(3, 6)], 5)
+    assert evened == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4), slice(4, 6)]
+    assert microbatch.split_to_count([slice(0, 1), slice(1, 2)], 4) == [slice(0, 1), slice(1, 2)]  # rows run out
