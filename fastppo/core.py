@@ -1,13 +1,163 @@
-"""Small helpers TRL scripts import from `trl.core`, so `from fastppo.core import ...` works too."""
+"""`trl.core`'s public helpers (TRL 0.11), so `from fastppo.core import ...` works in TRL scripts.
+
+Same names, signatures and results; the math that fastppo already has (log-probs, entropy,
+masked statistics, whitening) goes through `fastppo.ops`, so each piece has one implementation.
+Differences, all documented in the README's compatibility table: results of the ops are float32
+whatever the input dtype (TRL keeps the input's), and `masked_var` of a single masked position
+is 0 (TRL divides by zero there).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import random
+from collections.abc import Mapping
+from typing import Dict, List, Optional
+
 import numpy as np
 import torch
-from transformers import set_seed
 
-__all__ = ["LengthSampler", "respond_to_batch", "set_seed"]
+from . import ops
 
+__all__ = [
+    "WANDB_PADDING", "LengthSampler", "PPODecorators", "add_suffix", "average_torch_dicts", "clip_by_value",
+    "convert_to_scalar", "entropy_from_logits", "flatten_dict", "logprobs_from_logits", "masked_mean", "masked_var",
+    "masked_whiten", "pad_to_size", "respond_to_batch", "set_seed", "stack_dicts", "stats_to_np",
+    "top_k_top_p_filtering", "whiten",
+]
+
+WANDB_PADDING = -1  # what stack_dicts pads ragged statistics with
+
+
+# --------------------------------------------------------------------------- math, through fastppo.ops
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    """Log-prob of each label `[B, T]` from logits `[B, T, V]`; `gather=False`: the whole log-softmax."""
+    if not gather:
+        return torch.log_softmax(logits, dim=-1)
+    return ops.logprobs_from_logits(logits, labels)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim, `[...]`."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)  # unused by the entropy
+    return ops.logprobs_from_logits(logits, labels, return_entropy=True)[1]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is set: over everything, or along `axis`."""
+    if axis is not None:
+        return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+    return ops.masked_mean(values, mask)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `values` where `mask` is set (Bessel-corrected when `unbiased`)."""
+    if unbiased and float(mask.sum()) == 0:
+        raise ValueError("The sum of the mask is zero, which can happen when `mini_batch_size=1`; try increasing "
+                         "`mini_batch_size` or `gradient_accumulation_steps`")
+    return ops.masked_var(values, mask, unbiased)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values − masked mean) / sqrt(masked var + 1e-8); `shift_mean=False` adds the mean back."""
+    return ops.masked_whiten(values, mask, shift_mean=shift_mean)
+
+
+def whiten(values: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """`masked_whiten` over every element."""
+    return ops.masked_whiten(values, torch.ones_like(values, dtype=torch.bool), shift_mean=shift_mean)
+
+
+def clip_by_value(x: torch.Tensor, tensor_min, tensor_max) -> torch.Tensor:
+    """max(min(x, tensor_max), tensor_min), element-wise; the bounds may be tensors or numbers."""
+    upper = torch.as_tensor(tensor_max, dtype=x.dtype, device=x.device)
+    lower = torch.as_tensor(tensor_min, dtype=x.dtype, device=x.device)
+    return torch.maximum(torch.minimum(x, upper), lower)
+
+
+def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                          filter_value: float = -float("inf"), min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Logits `[B, V]` with everything outside the top-k and the top-p nucleus set to `filter_value`
+    (transformers' own logits warpers)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    if top_k > 0:
+        logits = TopKLogitsWarper(top_k=top_k, filter_value=filter_value,
+                                  min_tokens_to_keep=min_tokens_to_keep)(None, logits)
+    if 0 <= top_p <= 1.0:
+        logits = TopPLogitsWarper(top_p=top_p, filter_value=filter_value,
+                                  min_tokens_to_keep=min_tokens_to_keep)(None, logits)
+    return logits
+
+
+# --------------------------------------------------------------------------- statistics dicts
+
+def flatten_dict(nested: Dict, sep: str = "/") -> Dict:
+    """{"a": {"b": 1}} → {"a/b": 1}; a key containing `sep` is a ValueError."""
+    flat = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for key, value in node.items():
+            if sep in key:
+                raise ValueError(f"separator '{sep}' not allowed to be in key '{key}'")
+            if isinstance(value, Mapping):
+                walk(value, prefix + key + sep)
+            else:
+                flat[prefix + key] = value
+
+    walk(nested, "")
+    return flat
+
+
+def convert_to_scalar(stats: Dict) -> Dict:
+    """Single-element tensors and arrays (shape () or (1,)) → Python numbers; everything else as is."""
+    out = {}
+    for key, value in stats.items():
+        if isinstance(value, (torch.Tensor, np.ndarray)) and (value.ndim == 0 or tuple(value.shape) == (1,)):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def stack_dicts(stats_dicts: List[Dict]) -> Dict:
+    """Per key, the flattened tensors of every dict as rows `[n, longest]`, padded with WANDB_PADDING."""
+    return {key: torch.nn.utils.rnn.pad_sequence([torch.flatten(d[key]) for d in stats_dicts], batch_first=True,
+                                                 padding_value=WANDB_PADDING)
+            for key in stats_dicts[0]}
+
+
+def add_suffix(input_dict: Dict, suffix: str) -> Dict:
+    return {key + suffix: value for key, value in input_dict.items()}
+
+
+def pad_to_size(tensor: torch.Tensor, size: int, dim: int = 1, padding: int = 50256) -> torch.Tensor:
+    """`tensor` right-padded with `padding` to `size` along its last dim (`dim` is the dim whose size is checked)."""
+    if tensor.size(dim) == size:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, size - tensor.size(dim)), "constant", padding)
+
+
+def average_torch_dicts(list_of_dicts: List[Dict]) -> Dict:
+    """Per key, the mean of the dicts' tensors stacked along a new first dim."""
+    return {key: torch.mean(torch.stack([d[key] for d in list_of_dicts]), dim=0) for key in list_of_dicts[0]}
+
+
+def stats_to_np(stats_dict: Dict) -> Dict:
+    """Tensors → numpy arrays (bfloat16 through float32); numpy/Python numbers → float (strings stay)."""
+    out = {}
+    for key, value in stats_dict.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        if np.isscalar(value) and not isinstance(value, (str, bytes)):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- sampling and seeds
 
 class LengthSampler:
     """Draws a length uniformly from [min_value, max_value) with numpy's global RNG (as TRL does)."""
@@ -29,3 +179,27 @@ def respond_to_batch(model, queries: torch.Tensor, txt_len: int = 20, top_k: int
         max_new_tokens=txt_len, min_new_tokens=txt_len,
     )
     return generated[:, queries.shape[1]:]
+
+
+def set_seed(seed: int) -> None:
+    """Seed `random`, numpy and torch (every device) for reproducible runs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices, CUDA included
+
+
+class PPODecorators:
+    """TRL's `PPODecorators.empty_device_cache()`: after the block, hand cached device memory back
+    when `optimize_device_cache` is set (PPOConfig.optimize_device_cache does the same in fastppo)."""
+
+    optimize_device_cache = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def empty_device_cache(cls):
+        yield
+        if cls.optimize_device_cache:
+            from accelerate.utils.memory import clear_device_cache
+
+            gc.collect()
+            clear_device_cache(garbage_collection=True)

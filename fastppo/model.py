@@ -59,7 +59,16 @@ class ValueHead(nn.Module):
         return self.summary(hidden_states)
 
 
-class AutoModelForCausalLMWithValueHead(nn.Module):
+class PreTrainedModelWrapper(nn.Module):
+    """TRL's base class of models that wrap a transformers model (`pretrained_model`): here the base
+    of AutoModelForCausalLMWithValueHead, so TRL code that checks `isinstance(m, PreTrainedModelWrapper)`
+    or subclasses it keeps working."""
+
+    transformers_parent_class = None
+    supported_args = ()
+
+
+class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
     """A transformers causal LM (`pretrained_model`) plus a value head (`v_head`).
 
     `forward` returns `(lm_logits, loss, value)` as TRL's class does; `generate`
