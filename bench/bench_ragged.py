@@ -16,7 +16,7 @@ import torch
 
 import harness
 import machine
-from bench_step import SETTINGS, _tokenizer
+from bench_step import SETTINGS, _tokenizer, llama_policy
 
 VARIANTS = {  # name → PPOConfig switches
     "padded": {},
@@ -46,21 +46,10 @@ def _batch(settings: dict, mode: str, device: torch.device):
 
 
 def _trainer(settings: dict, switches: dict, max_length: int, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from fastppo import PPOConfig, PPOTrainer
 
-    from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=settings["vocab"], hidden_size=settings["hidden"], intermediate_size=settings["intermediate"],
-        num_hidden_layers=settings["layers"], num_attention_heads=settings["heads"],
-        num_key_value_heads=settings.get("kv_heads", settings["heads"]), max_position_embeddings=max_length,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=0, attn_implementation="sdpa",
-    )
-    with torch.device(device):
-        base = LlamaForCausalLM(config).to(settings["dtype"])
     ppo_config = PPOConfig(batch_size=ROWS, mini_batch_size=4, ppo_epochs=1, seed=0, backend="torch", **switches)
-    return PPOTrainer(ppo_config, AutoModelForCausalLMWithValueHead(base), None, _tokenizer())
+    return PPOTrainer(ppo_config, llama_policy(settings, max_length, device), None, _tokenizer())
 
 
 def bench_ragged_step(benchmark, bench_env, variant):

@@ -73,10 +73,11 @@ def _tokenizer():
                                    unk_token="<unk>")
 
 
-def _build_trainer(settings: dict, backend: str, max_length: int, device: torch.device):
+def llama_policy(settings: dict, max_length: int, device: torch.device):
+    """The benchmark's value-head Llama, built from a config (no hub), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    from fastppo import AutoModelForCausalLMWithValueHead
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -88,7 +89,13 @@ def _build_trainer(settings: dict, backend: str, max_length: int, device: torch.
     )
     with torch.device(device):
         base = LlamaForCausalLM(config).to(settings["dtype"])
-    model = AutoModelForCausalLMWithValueHead(base)
+    return AutoModelForCausalLMWithValueHead(base)
+
+
+def _build_trainer(settings: dict, backend: str, max_length: int, device: torch.device):
+    from fastppo import PPOConfig, PPOTrainer
+
+    model = llama_policy(settings, max_length, device)
     ppo_config = PPOConfig(batch_size=settings["batch_size"], mini_batch_size=settings["mini_batch_size"],
                            ppo_epochs=PPO_EPOCHS, seed=0, **VARIANTS[backend])
     return PPOTrainer(ppo_config, model, None, _tokenizer())

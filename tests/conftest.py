@@ -140,3 +140,26 @@ def bench():
         for path in folder.glob("*.py"):
             if path.stem != "conftest":  # this file goes by that name too
                 sys.modules.pop(path.stem, None)
+
+
+def assert_same_training(baseline, candidate, weights_tolerance: dict) -> None:
+    """Two runs of `(trainer, [(stats, response mask), ...])` agree: every statistic (log-prob
+    histograms at response positions only; per-position distributions skipped) and every weight."""
+    import numpy as np
+
+    from tolerances import TRAINER
+
+    (base_trainer, base_results), (trainer, results) = baseline, candidate
+    for (expected, mask), (got, _) in zip(base_results, results):
+        for key, value in expected.items():
+            if key.startswith("time/") or key == "fastppo/tokens_per_s":
+                continue
+            want, have = np.asarray(value, dtype=np.float64), np.asarray(got[key], dtype=np.float64)
+            if key in ("objective/logprobs", "objective/ref_logprobs"):
+                want, have = want[mask], have[mask]  # lean and packed paths compute response positions only
+            if key in ("ppo/policy/advantages", "ppo/policy/ratio"):
+                continue  # per-position distributions include off-response positions
+            np.testing.assert_allclose(have, want, err_msg=key, **TRAINER)
+    expected_state = base_trainer.unwrapped_model.state_dict()
+    for key, value in trainer.unwrapped_model.state_dict().items():
+        torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **weights_tolerance)

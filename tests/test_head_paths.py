@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_batch
+from conftest import assert_same_training, make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
-from tolerances import TRAINER, WEIGHTS
+from tolerances import WEIGHTS
 
 
 def _train(model_dir, tokenizer, **config_kwargs):
@@ -24,20 +24,7 @@ def _train(model_dir, tokenizer, **config_kwargs):
 
 
 def _assert_same_training(baseline, candidate):
-    (base_trainer, base_results), (trainer, results) = baseline, candidate
-    for (expected, mask), (got, _) in zip(base_results, results):
-        for key, value in expected.items():
-            if key.startswith("time/") or key == "fastppo/tokens_per_s":
-                continue
-            want, have = np.asarray(value, dtype=np.float64), np.asarray(got[key], dtype=np.float64)
-            if key in ("objective/logprobs", "objective/ref_logprobs"):
-                want, have = want[mask], have[mask]  # the lean paths compute response positions only
-            if key in ("ppo/policy/advantages", "ppo/policy/ratio"):
-                continue  # per-position distributions include off-response positions
-            np.testing.assert_allclose(have, want, err_msg=key, **TRAINER)
-    expected_state = base_trainer.unwrapped_model.state_dict()
-    for key, value in trainer.unwrapped_model.state_dict().items():
-        torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **WEIGHTS)
+    assert_same_training(baseline, candidate, WEIGHTS)
 
 
 @pytest.mark.parametrize("kl_penalty", ["kl", "full"])
