@@ -9,14 +9,11 @@ attention's quadratic part aside).
 """
 
 import math
-import time
 
-import pytest
 import torch
 
 import harness
-import machine
-from bench_step import SETTINGS, _tokenizer, llama_policy
+from bench_step import SETTINGS, _tokenizer, llama_policy, time_steps
 
 VARIANTS = {  # name → PPOConfig switches
     "padded": {},
@@ -68,34 +65,6 @@ def bench_ragged_step(benchmark, bench_env, variant):
                 dtype=harness.dtype_name(settings["dtype"]), seq_len=max(lengths), device=str(device), mode=mode,
                 real_tokens=real, padded_tokens=padded, pad_share=1 - real / padded, switches=switches,
                 lengths=lengths)
-    trainer, oom = None, None
-    try:
-        trainer = _trainer(settings, switches, max(lengths), device)
-
-        def step():
-            trainer.step(*batch)
-            bench_env.synchronize()
-
-        start = time.perf_counter()
-        step()  # warm-up
-        info["warmup_s"] = time.perf_counter() - start
-        if bench_env.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            step()
-            info.update(peak_bytes=torch.cuda.max_memory_allocated(device), peak_kind="cuda_max_allocated_total")
-        else:
-            info["peak_bytes"], info["peak_kind"] = machine.measure_peak(step, bench_env)
-        benchmark.pedantic(step, rounds=1 if bench_env.smoke else 3, iterations=1, warmup_rounds=0)
-    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one: the padded batch may not fit
-        if not machine.is_out_of_memory(exc):
-            raise
-        oom = str(exc).splitlines()[0][:160]
-    if trainer is not None:
-        trainer.accelerator.free_memory()
-    trainer = step = None
-    machine.free_device_memory(bench_env)
-    if oom is not None:
-        pytest.skip(f"OOM ({oom})")
-    stats = harness.benchmark_stats(benchmark)
-    median_s = stats.median if stats is not None else info["warmup_s"]
+    median_s = time_steps(benchmark, bench_env, lambda: _trainer(settings, switches, max(lengths), device), batch,
+                          rounds=1 if bench_env.smoke else 3)
     info.update(median_ms=median_s * 1e3, tokens_per_s=real / median_s, timer="host_rounds")

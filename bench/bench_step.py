@@ -129,12 +129,23 @@ def bench_step(benchmark, bench_env, settings, backend, response_length):
                 dtype=harness.dtype_name(settings["dtype"]), seq_len=response_length, device=str(device),
                 mode=bench_env.mode, tokens_per_step=tokens, ppo_epochs=PPO_EPOCHS,
                 model={k: v for k, v in settings.items() if k in ("hidden", "layers", "heads", "vocab")})
+    batch = _batch(settings, response_length, device)
+    median_s = time_steps(benchmark, bench_env, lambda: _build_trainer(settings, backend, total_length, device),
+                          batch, settings["rounds"])
+    info.update(median_ms=median_s * 1e3, tokens_per_s=tokens / median_s, timer="host_rounds",
+                rounds=settings["rounds"])
+
+
+def time_steps(benchmark, bench_env, build, batch, rounds: int) -> float:
+    """Median seconds of `trainer.step(*batch)` for the trainer `build()` makes: one warm-up step,
+    one for peak memory, then `rounds` timed ones; fills `benchmark.extra_info` (warm-up, peak,
+    parameters). Out of memory skips the case as "OOM" (the report shows it)."""
+    info, device = benchmark.extra_info, bench_env.device
     trainer = None
     oom = None
     try:
-        trainer = _build_trainer(settings, backend, total_length, device)
+        trainer = build()
         info["parameters"] = _parameters(trainer)
-        batch = _batch(settings, response_length, device)
 
         def step():
             trainer.step(*batch)
@@ -149,7 +160,7 @@ def bench_step(benchmark, bench_env, settings, backend, response_length):
             info.update(peak_bytes=torch.cuda.max_memory_allocated(device), peak_kind="cuda_max_allocated_total")
         else:
             info["peak_bytes"], info["peak_kind"] = machine.measure_peak(step, bench_env)
-        benchmark.pedantic(step, rounds=settings["rounds"], iterations=1, warmup_rounds=0)
+        benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
         if not machine.is_out_of_memory(exc):
             raise
@@ -161,9 +172,7 @@ def bench_step(benchmark, bench_env, settings, backend, response_length):
     if oom is not None:
         pytest.skip(f"OOM ({oom})")
     stats = harness.benchmark_stats(benchmark)
-    median_s = stats.median if stats is not None else info["warmup_s"]  # --benchmark-disable
-    info.update(median_ms=median_s * 1e3, tokens_per_s=tokens / median_s, timer="host_rounds",
-                rounds=settings["rounds"])
+    return stats.median if stats is not None else info["warmup_s"]  # --benchmark-disable
 
 
 def _fits(settings, backend, response_length, env) -> bool:

@@ -163,3 +163,13 @@ def assert_same_training(baseline, candidate, weights_tolerance: dict) -> None:
     expected_state = base_trainer.unwrapped_model.state_dict()
     for key, value in trainer.unwrapped_model.state_dict().items():
         torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **weights_tolerance)
+
+
+@pytest.fixture()
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; mixed precision can only be chosen on a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -101,16 +101,6 @@ def test_fused_step_never_allocates_n_by_v(gpt2_dir, tokenizer, monkeypatch, bac
     assert largest(fused_lm_head=True) == []
 
 
-@pytest.fixture()
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state; mixed precision can only be chosen on a fresh one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_mixed_precision_through_accelerate(gpt2_dir, tokenizer, fresh_accelerator_state):
     trainer, results = _train(gpt2_dir, tokenizer, fused_lm_head=True, gradient_checkpointing=True,
                               accelerator_kwargs={"mixed_precision": "bf16"})

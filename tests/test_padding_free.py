@@ -130,16 +130,6 @@ def test_bad_budget_and_switch_values_are_refused():
         PPOConfig(padding_free="yes")
 
 
-@pytest.fixture()
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state; mixed precision can only be chosen on a fresh one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_padding_free_under_bf16_mixed_precision(gpt2_dir, tokenizer, fresh_accelerator_state):
     switches = dict(steps=1, fused_lm_head=True, accelerator_kwargs={"mixed_precision": "bf16"})
     baseline = _train(gpt2_dir, tokenizer, **switches)
