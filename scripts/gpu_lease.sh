@@ -7,6 +7,7 @@
 # returns at most 8 files), and the summary and sweep table are printed last.
 #
 #   bash scripts/gpu_lease.sh [total_seconds]      # default 540: inside a 600 s command limit
+#   STAGES="tests-gpu bench-ragged" bash scripts/gpu_lease.sh   # chosen stages, in this order
 #
 # Then, on the machine you commit from: unpack lease.tgz, copy results-*.json into bench/ and run
 # `python bench/report.py bench/results-*.json --out bench`; set kernels/_launch.py from sweep.json.
@@ -60,15 +61,29 @@ cat "$work/env.txt"
 pytest=("$python" -m pytest -q -p no:cacheprovider)
 bench=("${pytest[@]}" bench -k)
 not_compile="not compile and not reference and not liger"
-stage tests-gpu 75 "${pytest[@]}" -m gpu tests
-stage tests-kernels 110 "${pytest[@]}" -n 8 -m "not gpu" tests/test_kernel_*.py tests/test_linear_logprobs.py \
-    tests/test_head_paths.py tests/test_backends.py tests/test_gpu_launch_configs.py
-stage sweep 120 "$python" bench/sweep.py --out "$work/sweep.json"
-stage bench-logprobs 80 "${bench[@]}" "bench_logprobs and $not_compile" --benchmark-json "$work/results-logprobs.json"
-stage bench-tokens 60 "${bench[@]}" "(full_kl or kl_reward or gae or ppo_loss) and $not_compile" \
-    --benchmark-json "$work/results-tokens.json"
-stage bench-linear 50 "${bench[@]}" "linear_logprobs and $not_compile" --benchmark-json "$work/results-linear.json"
-stage bench-step 60 "${bench[@]}" "bench_step and not longest and not 8192" --benchmark-json "$work/results-step.json"
+# STAGES picks and orders the stages (default: the standing checks); the follow-ups are opt-in:
+# bench-ragged (padded vs padding_free step) and bench-step-long (the R8192 step rows).
+stages=${STAGES:-tests-gpu tests-kernels sweep bench-logprobs bench-tokens bench-linear bench-step}
+for name in $stages; do
+    case $name in
+        tests-gpu) stage "$name" 75 "${pytest[@]}" -m gpu tests ;;
+        tests-kernels) stage "$name" 110 "${pytest[@]}" -n 8 -m "not gpu" tests/test_kernel_*.py \
+            tests/test_linear_logprobs.py tests/test_head_paths.py tests/test_backends.py tests/test_gpu_launch_configs.py ;;
+        sweep) stage "$name" 120 "$python" bench/sweep.py --out "$work/sweep.json" ;;
+        bench-logprobs) stage "$name" 80 "${bench[@]}" "bench_logprobs and $not_compile" \
+            --benchmark-json "$work/results-logprobs.json" ;;
+        bench-tokens) stage "$name" 60 "${bench[@]}" "(full_kl or kl_reward or gae or ppo_loss) and $not_compile" \
+            --benchmark-json "$work/results-tokens.json" ;;
+        bench-linear) stage "$name" 50 "${bench[@]}" "linear_logprobs and $not_compile" \
+            --benchmark-json "$work/results-linear.json" ;;
+        bench-step) stage "$name" 60 "${bench[@]}" "bench_step and not longest and not 8192" \
+            --benchmark-json "$work/results-step.json" ;;
+        bench-step-long) stage "$name" 150 "${bench[@]}" "bench_step and not longest and 8192" \
+            --benchmark-json "$work/results-step-long.json" ;;
+        bench-ragged) stage "$name" 150 "${bench[@]}" "bench_ragged" --benchmark-json "$work/results-ragged.json" ;;
+        *) echo "unknown stage $name" | tee -a "$work/summary.txt" ;;
+    esac
+done
 
 echo "--- total $(($(date +%s) - began))s"
 grep -h "FAILED\|Error" "$work"/tests-*.log | head -20
