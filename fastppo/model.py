@@ -1,18 +1,17 @@
-"""A causal LM with a scalar value head, checkpoint-compatible with TRL's.
+"""A causal LM with a scalar value head, checkpoint-compatible with TRL 0.11's.
 
 `AutoModelForCausalLMWithValueHead` wraps any `transformers` causal LM
 (`pretrained_model`) and adds `v_head`, a dropout + `Linear(hidden, 1)` over the last
 hidden state. Its checkpoints are the base model's plus `v_head.summary.weight` and
-`v_head.summary.bias` (safetensors), exactly TRL's layout: a TRL checkpoint loads here,
-ours loads in TRL, and plain `AutoModelForCausalLM.from_pretrained(dir)` loads the LM.
+`v_head.summary.bias`, exactly TRL's layout: a TRL checkpoint loads here, ours loads in TRL,
+and plain `AutoModelForCausalLM.from_pretrained(dir)` loads the LM. Loading, saving and the
+reward adapter live in the base class, `PreTrainedModelWrapper` (wrapper.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 from collections import OrderedDict
 from typing import Optional
 
@@ -20,16 +19,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-V_HEAD_PREFIX = "v_head."
-V_HEAD_FILE = "v_head.safetensors"  # PEFT checkpoints: the adapter is saved apart, the head here
+from .checkpoint_files import V_HEAD_PREFIX
+from .wrapper import PreTrainedModelWrapper
 
-
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+__all__ = ["AutoModelForCausalLMWithValueHead", "PreTrainedModelWrapper", "ValueHead", "create_reference_model"]
 
 
 def _hidden_size(config) -> int:
@@ -44,11 +37,18 @@ def _hidden_size(config) -> int:
 
 
 class ValueHead(nn.Module):
-    """Dropout + Linear(hidden, 1): one value per position. Computes in its own dtype (float32 by default)."""
+    """Dropout + Linear(hidden, 1): one value per position. Computes in its own dtype (float32 by default).
 
-    def __init__(self, hidden_size: int, summary_dropout_prob: Optional[float] = 0.1):
+    `config`: the hidden size, or a transformers config (as TRL's `ValueHead(config)`). The dropout
+    probability is `summary_dropout_prob` if given, else the config's `summary_dropout_prob`, else 0.1
+    (TRL lets the config's value win over the argument).
+    """
+
+    def __init__(self, config, **kwargs):
         super().__init__()
-        self.dropout = nn.Dropout(summary_dropout_prob) if summary_dropout_prob else nn.Identity()
+        hidden_size = config if isinstance(config, int) else _hidden_size(config)
+        dropout = kwargs.get("summary_dropout_prob", getattr(config, "summary_dropout_prob", 0.1))
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.summary = nn.Linear(hidden_size, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -59,98 +59,54 @@ class ValueHead(nn.Module):
         return self.summary(hidden_states)
 
 
-class PreTrainedModelWrapper(nn.Module):
-    """TRL's base class of models that wrap a transformers model (`pretrained_model`): here the base
-    of AutoModelForCausalLMWithValueHead, so TRL code that checks `isinstance(m, PreTrainedModelWrapper)`
-    or subclasses it keeps working."""
-
-    transformers_parent_class = None
-    supported_args = ()
-
-
 class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
     """A transformers causal LM (`pretrained_model`) plus a value head (`v_head`).
 
     `forward` returns `(lm_logits, loss, value)` as TRL's class does; `generate`
-    delegates to the wrapped model.
+    delegates to the wrapped model. `from_pretrained`, `save_pretrained`, `push_to_hub` and
+    `compute_reward_score` are `PreTrainedModelWrapper`'s.
     """
 
     transformers_parent_class = AutoModelForCausalLM
+    lm_head_namings = ["lm_head", "embed_out"]  # TRL's; the head is found by get_output_embeddings() first
     supported_args = ("summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
 
     def __init__(self, pretrained_model: PreTrainedModel, **kwargs):
-        super().__init__()
+        adapter_kwargs = {k: kwargs.pop(k) for k in ("score_module", "supports_rm_adapter", "rm_adapter_name")
+                          if k in kwargs}
         unknown = set(kwargs) - set(self.supported_args)
         if unknown:
             raise TypeError(f"unexpected value-head arguments {sorted(unknown)}; supported: {self.supported_args}")
         if not isinstance(pretrained_model, nn.Module) or not hasattr(pretrained_model, "get_output_embeddings"):
             raise TypeError(f"pretrained_model must be a transformers causal LM, got {type(pretrained_model).__name__}")
-        if pretrained_model.get_output_embeddings() is None:
-            raise ValueError("pretrained_model has no language-model head (get_output_embeddings() is None)")
-        self.pretrained_model = pretrained_model
-        self.is_peft_model = _is_peft_model(pretrained_model)
-        dropout = kwargs.get("summary_dropout_prob", getattr(self.config, "summary_dropout_prob", 0.1))
-        self.v_head = ValueHead(_hidden_size(self.config), dropout)
-        self._init_v_head(kwargs.get("v_head_init_strategy"), kwargs.get("v_head_initializer_range", 0.2))
+        super().__init__(pretrained_model, **adapter_kwargs)
+        if self.lm_head is None:
+            raise ValueError("pretrained_model has no language-model head (get_output_embeddings() is None and no "
+                             f"attribute named {' or '.join(self.lm_head_namings)})")
+        self.v_head = ValueHead(self.config, **{k: v for k, v in kwargs.items() if k == "summary_dropout_prob"})
+        self._init_weights(**kwargs)
         self.v_head.to(self._lm_head_device())
 
-    def _init_v_head(self, strategy: Optional[str], initializer_range: float) -> None:
+    def _init_weights(self, **kwargs) -> None:
+        """Initialise the value head: `v_head_init_strategy=None` keeps nn.Linear's default (as TRL);
+        `"normal"` draws the weight from N(0, `v_head_initializer_range`=0.2) and zeroes the bias.
+        Raises ValueError for another strategy (TRL ignores it)."""
+        strategy = kwargs.get("v_head_init_strategy")
         if strategy is None:
-            return  # nn.Linear's default initialisation, as in TRL
+            return
         if strategy != "normal":
             raise ValueError(f"v_head_init_strategy must be None or 'normal', got {strategy!r}")
-        nn.init.normal_(self.v_head.summary.weight, mean=0.0, std=initializer_range)
+        nn.init.normal_(self.v_head.summary.weight, mean=0.0, std=kwargs.get("v_head_initializer_range", 0.2))
         nn.init.zeros_(self.v_head.summary.bias)
 
+    def post_init(self, state_dict) -> None:
+        """Load the value head from `state_dict` as TRL's `post_init`: the keys containing `v_head.` (the part
+        after it names the head's parameter), non-strictly; other keys are ignored."""
+        head = {k[k.index(V_HEAD_PREFIX) + len(V_HEAD_PREFIX):]: v for k, v in state_dict.items() if V_HEAD_PREFIX in k}
+        self.v_head.load_state_dict(head, strict=False)
+
     def _lm_head_device(self) -> torch.device:
-        return self.pretrained_model.get_output_embeddings().weight.device
-
-    # ------------------------------------------------------------------ loading
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "AutoModelForCausalLMWithValueHead":
-        """Load a causal LM (a path, a hub name, or an already built model) and its value head if saved.
-
-        Value-head kwargs (`summary_dropout_prob`, `v_head_init_strategy`,
-        `v_head_initializer_range`) are split off; `peft_config` wraps the model with PEFT;
-        everything else (`dtype`, `attn_implementation`, `device_map`, ...) goes to
-        `AutoModelForCausalLM.from_pretrained`. A PEFT checkpoint (a directory or hub repo with
-        `adapter_config.json`, as `save_pretrained` writes for a PEFT policy) loads its base
-        model, then the adapter on top — frozen unless `is_trainable=True`, as in TRL — and
-        its value head.
-        """
-        v_head_kwargs = {name: kwargs.pop(name) for name in cls.supported_args if name in kwargs}
-        peft_config = kwargs.pop("peft_config", None)
-        is_trainable = kwargs.pop("is_trainable", False)
-        adapter_source = None
-        if isinstance(pretrained_model_name_or_path, nn.Module):
-            base = pretrained_model_name_or_path
-            source = None
-        else:
-            source = os.fspath(pretrained_model_name_or_path)
-            if peft_config is None and _resolve_file(source, "adapter_config.json", kwargs) is not None:
-                from peft import PeftConfig
-
-                adapter_source = source
-                load_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "token", "subfolder")}
-                base_path = PeftConfig.from_pretrained(source, **load_kwargs).base_model_name_or_path
-                base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **kwargs)
-            else:
-                base = cls.transformers_parent_class.from_pretrained(source, *model_args, **kwargs)
-        if adapter_source is not None:
-            from peft import PeftModel
-
-            base = PeftModel.from_pretrained(base, adapter_source, is_trainable=is_trainable)
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            base = get_peft_model(base, peft_config)
-        model = cls(base, **v_head_kwargs)
-        if source is not None:
-            state = _load_v_head_state(source, kwargs)
-            if state:
-                model.v_head.load_state_dict(state)
-        return model
+        return self.lm_head.weight.device
 
     # ------------------------------------------------------------------ forward
 
@@ -172,7 +128,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         in the first slot (the LM head's input), for heads applied outside (fused log-probs).
         """
         if output == "hidden":
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            hidden = self._last_hidden_state(input_ids, attention_mask, **kwargs)
             value = self.v_head(hidden.to(self.v_head.summary.weight.device)).squeeze(-1)
             return hidden, None, value
         if output != "logits":
@@ -190,15 +146,15 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
             return logits, output.loss, value, output.past_key_values
         return logits, output.loss, value
 
+    def _last_hidden_state(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        # the backbone alone: the LM head's input, without computing the logits
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
     def generate(self, *args, **kwargs):
         """`pretrained_model.generate(*args, **kwargs)`."""
         return self.pretrained_model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ delegation
-
-    @property
-    def config(self):
-        return self.pretrained_model.config
 
     @property
     def causal_lm(self) -> PreTrainedModel:
@@ -211,21 +167,19 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         return self.causal_lm.base_model
 
     @property
-    def lm_head(self) -> nn.Module:
+    def lm_head(self) -> Optional[nn.Module]:
         """The output projection `[V, H]` (and bias, if any) that turns hidden states into logits."""
-        return self.causal_lm.get_output_embeddings()
+        head = self.causal_lm.get_output_embeddings()
+        for name in self.lm_head_namings:
+            if head is None:
+                head = getattr(self.causal_lm, name, None)
+        return head
 
     @property
     def device(self) -> torch.device:
         return self._lm_head_device()
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.pretrained_model.gradient_checkpointing_enable(**kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.pretrained_model.gradient_checkpointing_disable()
-
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ state
 
     @contextlib.contextmanager
     def module_key_layout(self):
@@ -238,7 +192,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
             self._module_key_layout = False
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The base model's state dict (the adapter's alone for PEFT models) plus `v_head.*` keys."""
+        """The base model's state dict (none for PEFT models: the adapter is saved by PEFT) plus `v_head.*` keys."""
         if getattr(self, "_module_key_layout", False):
             return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         out = destination if destination is not None else OrderedDict()
@@ -257,37 +211,6 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         base_state = {k: v for k, v in state_dict.items() if not k.startswith(V_HEAD_PREFIX)}
         self.v_head.load_state_dict(v_head_state, strict=strict, assign=assign)
         return self.pretrained_model.load_state_dict(base_state, strict=strict and not self.is_peft_model, assign=assign)
-
-    def save_pretrained(self, save_directory, **kwargs):
-        """Save with transformers' `save_pretrained`, the value head's keys beside the base weights.
-
-        For a PEFT model the adapter is saved by PEFT and the head to `v_head.safetensors`.
-        """
-        if self.is_peft_model:
-            from safetensors.torch import save_file
-
-            os.makedirs(save_directory, exist_ok=True)
-            state = {V_HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.v_head.state_dict().items()}
-            save_file(state, os.path.join(save_directory, V_HEAD_FILE))
-            return self.pretrained_model.save_pretrained(save_directory, **kwargs)
-        if kwargs.get("state_dict") is None:
-            kwargs["state_dict"] = self.state_dict()
-        return self.pretrained_model.save_pretrained(save_directory, **kwargs)
-
-    def push_to_hub(self, *args, **kwargs):
-        """Push the base model with the value head's weights to the hub (transformers' `push_to_hub`)."""
-        with self._v_head_attached():
-            return self.pretrained_model.push_to_hub(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _v_head_attached(self):
-        # transformers serialises `pretrained_model.state_dict()`; registering the head as its
-        # submodule for the duration puts `v_head.summary.*` among the saved keys.
-        self.pretrained_model.add_module("v_head", self.v_head)
-        try:
-            yield
-        finally:
-            del self.pretrained_model._modules["v_head"]
 
 
 def disable_dropout(module: nn.Module) -> None:
@@ -351,55 +274,3 @@ def _parameters_before_block(model: nn.Module, layer: int, pattern: Optional[str
                      f"{' or '.join(repr(c.format(layer=layer)) for c in candidates)}; the model has fewer blocks, "
                      "or pass pattern= with its block naming, e.g. 'transformer.h.{layer}.'")
 
-
-def _load_v_head_state(source: str, load_kwargs: dict) -> dict:
-    """The `v_head.*` tensors stored with a checkpoint (prefix stripped), or {} if there are none."""
-    for filename in (V_HEAD_FILE, "model.safetensors.index.json", "model.safetensors",
-                     "pytorch_model.bin.index.json", "pytorch_model.bin"):
-        path = _resolve_file(source, filename, load_kwargs)
-        if path is None:
-            continue
-        if filename.endswith(".index.json"):
-            with open(path) as handle:
-                weight_map = json.load(handle)["weight_map"]
-            shards = sorted({shard for key, shard in weight_map.items() if V_HEAD_PREFIX in key})
-            state = {}
-            for shard in shards:
-                shard_path = _resolve_file(source, shard, load_kwargs)
-                if shard_path is not None:
-                    state.update(_read_v_head_keys(shard_path))
-        else:
-            state = _read_v_head_keys(path)
-        if state:
-            return state
-    return {}
-
-
-def _read_v_head_keys(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            return {_strip_v_head(k): handle.get_tensor(k) for k in handle.keys() if V_HEAD_PREFIX in k}
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {_strip_v_head(k): v for k, v in state.items() if V_HEAD_PREFIX in k}
-
-
-def _strip_v_head(key: str) -> str:
-    return key[key.index(V_HEAD_PREFIX) + len(V_HEAD_PREFIX):]
-
-
-def _resolve_file(source: str, filename: str, load_kwargs: dict) -> Optional[str]:
-    subfolder = load_kwargs.get("subfolder") or ""
-    if os.path.isdir(source):
-        path = os.path.join(source, subfolder, filename)
-        return path if os.path.isfile(path) else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(
-            source, filename, subfolder=subfolder or None, revision=load_kwargs.get("revision"),
-            cache_dir=load_kwargs.get("cache_dir"), token=load_kwargs.get("token"),
-        )
-    except Exception:  # absent file, offline, or no such repo: no value head to restore
-        return None

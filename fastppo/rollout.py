@@ -67,7 +67,9 @@ class HFEngine:
                 if max_new_tokens is not None:
                     kwargs["max_new_tokens"] = max_new_tokens[start]
                 width = max(len(q) for q in batch)
-                input_ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+                pad_token_id = self.tokenizer.pad_token_id  # None only for one query alone (the trainer checks)
+                input_ids = torch.full((len(batch), width), 0 if pad_token_id is None else pad_token_id,
+                                       dtype=torch.long, device=device)
                 attention_mask = torch.zeros_like(input_ids)
                 for row, query in enumerate(batch):  # left padding: the prompt ends where generation starts
                     input_ids[row, width - len(query):] = query

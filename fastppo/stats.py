@@ -7,6 +7,8 @@ come back as Python floats, distributions as numpy arrays.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -53,16 +55,14 @@ def minibatch_stats(
 DISTRIBUTION_KEYS = ("policy/advantages", "policy/ratio")
 
 
-def average_minibatch_stats(per_minibatch: list) -> dict:
-    """Mean of each scalar over mini-batches; distributions concatenated."""
-    averaged = {}
+def stack_minibatch_stats(per_minibatch: list) -> dict:
+    """Each scalar's values over mini-batches `[n]`; each distribution's concatenated as one row `[1, N]`:
+    TRL's layout of `train_stats`, whose mean along the first dim is the step's statistic."""
+    stacked = {}
     for key in per_minibatch[0]:
         values = [stats[key] for stats in per_minibatch]
-        if key in DISTRIBUTION_KEYS:
-            averaged[key] = torch.cat(values)
-        else:
-            averaged[key] = torch.stack(values).mean()
-    return averaged
+        stacked[key] = torch.cat(values)[None] if key in DISTRIBUTION_KEYS else torch.stack(values)
+    return stacked
 
 
 def step_stats(
@@ -76,8 +76,10 @@ def step_stats(
     query_lengths: list,
     response_lengths: list,
     train_stats: dict,
+    non_score_reward: Optional[torch.Tensor] = None,
 ) -> dict:
-    """The `objective/*`, `ppo/*` and `tokens/*` statistics of one step (tensors and numbers)."""
+    """The `objective/*`, `ppo/*` and `tokens/*` statistics of one step (tensors and numbers).
+    `non_score_reward` `[B, T]` defaults to −kl_coef · kls."""
     maskf = mask.float()
     kl_per_row = (kls * maskf).sum(-1)
     stats = {
@@ -88,7 +90,8 @@ def step_stats(
         "objective/kl_coef": kl_coef,
         # TRL's "entropy" is the summed negative log-prob of the sampled tokens per row.
         "objective/entropy": (-logprobs * maskf).sum(-1).mean(),
-        "ppo/mean_non_score_reward": ops.masked_mean(-kl_coef * kls, mask),
+        "ppo/mean_non_score_reward": ops.masked_mean(-kl_coef * kls if non_score_reward is None else non_score_reward,
+                                                     mask),
         "ppo/mean_scores": scores.mean(),
         "ppo/std_scores": _std(scores),
     }

@@ -24,11 +24,12 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import heads, inputs, microbatch, ops, packing, sharding, stats as step_statistics
+from . import heads, inputs, microbatch, ops, packing, padding, sharding, stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
 from .rollout import HFEngine, draw_lengths, list_output, single_output
+from .trl_methods import TRLMethods
 
 
 class Rollout(NamedTuple):
@@ -40,7 +41,7 @@ class Rollout(NamedTuple):
     full_kl: Optional[torch.Tensor]  # exact KL per position, for kl_penalty="full"
 
 
-class PPOTrainer:
+class PPOTrainer(TRLMethods):
     """PPO for a causal LM with a value head, TRL 0.11 classic math by default.
 
     Args:
@@ -48,8 +49,11 @@ class PPOTrainer:
         model: the policy, an `AutoModelForCausalLMWithValueHead`.
         ref_model: the frozen reference; None makes a frozen copy of `model` (for a PEFT
             model, the base with adapters disabled is used instead, without a copy).
-        tokenizer: a transformers tokenizer with a pad token.
-        dataset: optional torch Dataset; `trainer.dataloader` then yields `batch_size` items.
+        tokenizer: a transformers tokenizer; `generate` of a list and `step` need its pad token
+            (refused there, with a ValueError, when it has none). Its `padding_side` ("right" or
+            "left") is the side `step` pads its batch on, as TRL does.
+        dataset: optional torch Dataset; `trainer.dataloader` then yields `batch_size` items
+            (without one, a warning, as TRL gives).
         optimizer: default `torch.optim.Adam(trainable params, lr=config.learning_rate)`.
         data_collator: collate function of the dataloader.
         num_shared_layers: with `ref_model=None`, freeze the policy's embeddings and first
@@ -57,6 +61,10 @@ class PPOTrainer:
             them (TRL's math; see `create_reference_model`). Ignored, with a warning, when
             a `ref_model` is given or the model is a PEFT model.
         lr_scheduler: optional, stepped once per `step`.
+        training_data_collator: optional; pads `prepare_model_inputs`' rows instead of fastppo's own
+            padding (TRL's argument). Ignored with `padding_free`.
+
+    The TRL 0.11 methods (`prepare_model_inputs`, `compute_rewards`, ...) come from `TRLMethods`.
     """
 
     def __init__(
@@ -70,10 +78,16 @@ class PPOTrainer:
         data_collator: Optional[Callable] = None,
         num_shared_layers: Optional[int] = None,
         lr_scheduler=None,
+        training_data_collator: Optional[Callable] = None,
     ):
         _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler)
         self.config = config
         self.tokenizer = tokenizer
+        self.data_collator = training_data_collator
+        self._warn_unreached_overrides()
+        if dataset is None:
+            warnings.warn("PPOTrainer has no dataset: each step trains on the batch you pass, which must hold "
+                          f"config.batch_size={config.batch_size} rows (per process)")
         set_seed(config.seed)
 
         self.accelerator = Accelerator(
@@ -214,8 +228,11 @@ class PPOTrainer:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(return_logprobs, bool):
             raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
-        generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         single = isinstance(query_tensor, torch.Tensor)
+        if not single or generation_kwargs.get("num_return_sequences", 1) != 1:
+            self._require_pad_token("generate")  # batched queries are left-padded, samples right-padded
+        if self.tokenizer.pad_token_id is not None:
+            generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         if single:
             queries = [inputs.check_token_ids("query_tensor", query_tensor, self.vocab_size, self.current_device)]
         else:
@@ -258,6 +275,7 @@ class PPOTrainer:
         min(exp(old_logprob − rollout_logprob), rollout_is_cap). Returns TRL's statistics dict plus
         `fastppo/*` entries. Raises TypeError/ValueError on bad input before changing anything.
         """
+        self._require_pad_token("step")
         batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
                                          self.vocab_size, self.current_device, rollout_logprobs)
         if self.config.rollout_correction is not None and batch.rollout_logprobs is None:
@@ -273,16 +291,19 @@ class PPOTrainer:
         rollout = self._rollout(input_ids, attention_mask, mask)
         engine_logprobs = None
         if batch.rollout_logprobs is not None:
-            engine_logprobs = self._place_responses(batch.queries, batch.rollout_logprobs, mask.shape)
+            engine_logprobs = padding.place_responses(attention_mask, [len(q) for q in batch.queries],
+                                                      batch.rollout_logprobs)
         timing["time/ppo/forward_pass"] = time.time() - t
 
         t = time.time()
         kl_coef = self.kl_ctl.value
-        rewards, kls = self._compute_rewards(rollout, mask, scores, kl_coef)
+        full_kl = {} if rollout.full_kl is None else {"kl": rollout.full_kl}
+        rewards, non_score_reward, kls = self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask,
+                                                              **full_kl)
         timing["time/ppo/compute_rewards"] = time.time() - t
 
         t = time.time()
-        values, advantages, returns = self._compute_advantages(rollout.values, rewards, mask)
+        values, advantages, returns = self.compute_advantages(rollout.values, rewards, mask)
         timing["time/ppo/compute_advantages"] = time.time() - t
 
         t = time.time()
@@ -293,14 +314,16 @@ class PPOTrainer:
         timing["time/ppo/optimize_step"] = time.time() - t
 
         t = time.time()
-        stats = step_statistics.step_stats(
-            scores=scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, kls=kls, kl_coef=kl_coef,
-            mask=mask, query_lengths=[len(q) for q in batch.queries],
-            response_lengths=[len(r) for r in batch.responses], train_stats=train_stats,
+        stats = self.record_step_stats(
+            kl_coef, scores=scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs,
+            non_score_reward=non_score_reward, train_stats=train_stats, kls=kls, masks=mask,
+            queries=batch.queries, responses=batch.responses,
         )
         if engine_logprobs is not None:
             stats.update(step_statistics.rollout_mismatch_stats(rollout.logprobs, engine_logprobs, mask))
-        stats = step_statistics.to_python(step_statistics.reduce_across_processes(stats, self.accelerator))
+        if self.is_distributed:
+            stats = self.gather_stats(stats)
+        stats = step_statistics.to_python(stats)
         timing["time/ppo/calc_stats"] = time.time() - t
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
 
@@ -346,33 +369,24 @@ class PPOTrainer:
             self.tokenizer.push_to_hub(repo_id, **kwargs)
 
     def _pad_batch(self, queries, responses, response_masks):
-        """Right-padded `input_ids`/`attention_mask` `[B, L]` and the response-token mask `[B, L-1]`.
-
-        Position t of the mask stands for the prediction of token t+1, so a response of
-        length n after a query of length m covers positions m-1 … m+n-2.
-        """
-        sequences = [torch.cat([q, r]) for q, r in zip(queries, responses)]
-        width = max(len(s) for s in sequences)
+        """`input_ids`/`attention_mask` `[B, L]` (`prepare_model_inputs`; with padding_free always right-padded,
+        as packing drops the pads) and the response-token mask `[B, L-1]` (see fastppo.padding).
+        Every process pads to the widest row of all."""
+        if self.config.padding_free:
+            sequences = [torch.cat([q, r]) for q, r in zip(queries, responses)]
+            input_ids, attention_mask = padding.pad_rows(sequences, max(len(x) for x in sequences),
+                                                         self.tokenizer.pad_token_id, "right", self.current_device)
+        else:
+            model_inputs = self.prepare_model_inputs(queries, responses)
+            input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
         if self.config.world_size > 1:
-            width = int(self.accelerator.gather(torch.tensor([width], device=self.current_device)).max())
-        batch_size = len(sequences)
-        input_ids = torch.full((batch_size, width), self.tokenizer.pad_token_id, dtype=torch.long,
-                               device=self.current_device)
-        attention_mask = torch.zeros_like(input_ids)
-        mask = torch.zeros((batch_size, width - 1), dtype=torch.long, device=self.current_device)
-        for row, (query, response, sequence) in enumerate(zip(queries, responses, sequences)):
-            input_ids[row, : len(sequence)] = sequence
-            attention_mask[row, : len(sequence)] = 1
-            first = len(query) - 1
-            mask[row, first: first + len(response)] = 1 if response_masks is None else response_masks[row]
+            width = int(self.accelerator.gather(torch.tensor([input_ids.shape[1]], device=self.current_device)).max())
+            left = not self.config.padding_free and padding.padding_side(self.tokenizer) == "left"
+            input_ids, attention_mask = padding.widen(input_ids, attention_mask, width, self.tokenizer.pad_token_id,
+                                                      "left" if left else "right")
+        mask = padding.response_mask(attention_mask, [len(q) for q in queries], [len(r) for r in responses],
+                                     response_masks)
         return input_ids, attention_mask, mask
-
-    def _place_responses(self, queries, values, shape) -> torch.Tensor:
-        """Per-response values at their positions of the `[B, L-1]` grid `_pad_batch`'s mask uses, 0 elsewhere."""
-        out = torch.zeros(shape, dtype=torch.float32, device=self.current_device)
-        for row, (query, row_values) in enumerate(zip(queries, values)):
-            out[row, len(query) - 1: len(query) - 1 + len(row_values)] = row_values
-        return out
 
     def _forward(self, model, input_ids, attention_mask, mask, return_entropy: bool = False,
                  packed: Optional[packing.Packed] = None) -> heads.TokenOutputs:
@@ -446,26 +460,10 @@ class PPOTrainer:
             return self.unwrapped_model.pretrained_model.disable_adapter()
         return contextlib.nullcontext()
 
-    def _compute_rewards(self, rollout: Rollout, mask, scores, kl_coef: float):
-        """Per-token rewards and KL estimates `[B, L-1]`."""
-        return ops.kl_penalty_rewards(
-            rollout.logprobs, rollout.ref_logprobs, mask, scores, kl_coef, estimator=self.config.kl_penalty,
-            kl=rollout.full_kl, backend=self.config.backend,
-        )
-
-    def _compute_advantages(self, values, rewards, mask):
-        """Masked values, whitened GAE advantages and returns `[B, L-1]`."""
-        if self.config.whiten_rewards:
-            # TRL whitens pad positions too and GAE carries them into the response; re-mask.
-            rewards = ops.masked_whiten(rewards, mask, shift_mean=False, backend=self.config.backend) * mask
-        advantages, returns = ops.gae(rewards, values, mask, self.config.gamma, self.config.lam,
-                                      backend=self.config.backend)
-        advantages = ops.masked_whiten(advantages, mask, backend=self.config.backend)
-        return values * mask, advantages, returns
-
     def _optimize(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask,
                   rollout_logprobs=None):
-        """`ppo_epochs` passes over shuffled mini-batches; returns averaged stats and counters.
+        """`ppo_epochs` passes over shuffled mini-batches; returns the mini-batches' stats stacked (TRL's
+        `train_stats` layout, see `record_step_stats`) and counters.
         `rollout_logprobs` `[B, L-1]`: the engine's log-probs, for the "tis" correction (else None)."""
         config = self.config
         per_minibatch, skipped = [], []
@@ -495,7 +493,7 @@ class PPOTrainer:
             "fastppo/skipped_minibatches": float(n_skipped),
             "fastppo/early_stopped": float(early_stopped),
         }
-        return step_statistics.average_minibatch_stats(per_minibatch), counters
+        return step_statistics.stack_minibatch_stats(per_minibatch), counters
 
     def _loss(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask,
               rollout_logprobs=None):
@@ -616,13 +614,15 @@ class PPOTrainer:
         if self.is_peft_model:  # PEFT saves the adapter itself; under ZeRO-3 from fully gathered weights
             with sharding.gathered(self.accelerator, self.model):
                 if self.accelerator.is_main_process:
-                    self.unwrapped_model.save_pretrained(save_directory)
+                    self._save_pretrained(save_directory)
         else:
             state = sharding.full_state_dict(self.accelerator, self.model)
             if self.accelerator.is_main_process:
-                self.unwrapped_model.save_pretrained(save_directory, state_dict=state)
-        if self.accelerator.is_main_process:
-            self.tokenizer.save_pretrained(save_directory)
+                self._state_to_save = state
+                try:
+                    self._save_pretrained(save_directory)
+                finally:
+                    self._state_to_save = None
         self.accelerator.wait_for_everyone()
 
     def save_state(self, output_dir: str) -> None:
@@ -670,8 +670,7 @@ def _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_
         raise ValueError("ref_model must not be the policy model itself; pass None for a frozen copy")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; set one first, e.g. tokenizer.pad_token = tokenizer.eos_token")
+    padding.padding_side(tokenizer)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if lr_scheduler is not None and not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):

@@ -166,6 +166,15 @@ def assert_same_training(baseline, candidate, weights_tolerance: dict) -> None:
 
 
 @pytest.fixture()
+def single_thread():
+    """One torch thread: reductions run in the order of numbers recorded single-threaded (TRL's fixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
 def fresh_accelerator_state():
     """accelerate keeps one process-wide state; mixed precision can only be chosen on a fresh one."""
     from accelerate.state import AcceleratorState

@@ -156,11 +156,23 @@ def test_generate_batch_size_must_be_positive(trainer):
         trainer.generate([torch.tensor([5])], batch_size=0)
 
 
-def test_tokenizer_without_pad_token(gpt2_dir, tokenizer):
+def test_tokenizer_without_pad_token_is_refused_where_padding_is_needed(trainer, tokenizer):
+    """As TRL: accepted at construction; step, batched generate and prepare_model_inputs refuse it, changing nothing."""
+    queries, responses, scores = _good(tokenizer)
+    pad = tokenizer.pad_token
     tokenizer.pad_token = None
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
-    with pytest.raises(ValueError, match="tokenizer has no pad token"):
-        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), model, None, tokenizer)
+    before = _state(trainer)
+    try:
+        PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2), trainer.unwrapped_model, None, tokenizer)  # accepted
+        for call, where in ((lambda: trainer.step(queries, responses, scores), "which step needs"),
+                            (lambda: trainer.generate(queries[:2], max_new_tokens=2), "which generate needs"),
+                            (lambda: trainer.prepare_model_inputs(queries, responses), "which prepare_model_inputs")):
+            with pytest.raises(ValueError, match=f"tokenizer has no pad token, {where}"):
+                call()
+        _assert_unchanged(before, _state(trainer))
+        assert trainer.generate(queries[0], max_new_tokens=2, do_sample=False).shape[0] == 1  # one query: no padding
+    finally:
+        tokenizer.pad_token = pad
 
 
 @pytest.mark.parametrize("argument,kwargs,error,message", [

@@ -36,9 +36,12 @@ def test_peft_policy_uses_the_adapter_free_base_as_reference(lora_model, tokeniz
 
 
 def test_peft_save_writes_adapter_and_value_head(lora_model, tmp_path):
+    """TRL 0.11's PEFT layout: the adapter by PEFT, the value head alone in pytorch_model.bin."""
     lora_model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert "adapter_config.json" in files and "v_head.safetensors" in files
+    assert "adapter_config.json" in files and "pytorch_model.bin" in files
+    assert set(torch.load(tmp_path / "pytorch_model.bin", weights_only=True)) == {"v_head.summary.weight",
+                                                                                  "v_head.summary.bias"}
     assert "model.safetensors" not in files  # the frozen base is not duplicated
 
 

@@ -82,6 +82,9 @@ CASES = {
     # ref_model=None, num_shared_layers=1: TRL freezes the policy's embeddings and first block
     # (the tied LM head with them) and copies the model as the reference
     "shared_layers": (dict(BASE), 2, {"num_shared_layers": 1}),
+    # tokenizer.padding_side="left": TRL pads the step's batch on the left and offsets each row's mask;
+    # GPT-2's position ids do not follow the pads, so the numbers differ from right padding
+    "left_padding": (dict(BASE), 2, {"padding_side": "left"}),
 }
 
 
@@ -210,6 +213,7 @@ def run_case(name):
 
     tokenizer = AutoTokenizer.from_pretrained(TOK_DIR)
     assert tokenizer.padding_side == "right" and tokenizer.pad_token_id == 0
+    tokenizer.padding_side = data_opts.get("padding_side", "right")
     model = AutoModelForCausalLMWithValueHead.from_pretrained(INIT_DIR, attn_implementation="eager")
     shared = data_opts.get("num_shared_layers")
     ref = None if shared else AutoModelForCausalLMWithValueHead.from_pretrained(INIT_DIR, attn_implementation="eager")

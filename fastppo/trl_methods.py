@@ -1,0 +1,235 @@
+"""TRL 0.11's public `PPOTrainer` methods and attributes, for scripts and subclasses written against TRL.
+
+`step` calls `prepare_model_inputs`, `compute_rewards`, `compute_advantages`, `record_step_stats`
+and `gather_stats` (on several processes), so overriding one of them changes what `step` does,
+as in TRL. `batched_forward_pass`, `loss` and `train_minibatch` take and return what TRL's do,
+but `step` trains through its own fused path (no `[B, T, V]` logits), so overriding them does
+not reach `step`: PPOTrainer warns at construction when a subclass does. The math of each goes
+through `fastppo.ops`, the same implementation `step` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from . import core, heads, inputs, ops, padding, stats as step_statistics
+
+# What step does not call: a subclass overriding one of these gets a warning at construction.
+NOT_CALLED_BY_STEP = ("batched_forward_pass", "loss", "train_minibatch")
+
+
+class TRLMethods:
+    """Mixed into PPOTrainer: TRL's public per-phase methods, backed by fastppo's ops."""
+
+    # ------------------------------------------------------------------ attributes TRL code reads
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.config.world_size > 1
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return False  # causal LMs only
+
+    @property
+    def model_params(self) -> list:
+        """The trainable parameters (a list: TRL's one-shot iterator clipped only the first step's gradients)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def optional_peft_ctx(self):
+        """A callable giving the context that turns the policy into the reference (PEFT: adapter disabled)."""
+        if self.is_peft_model:
+            return self.unwrapped_model.pretrained_model.disable_adapter
+        return contextlib.nullcontext
+
+    def _warn_unreached_overrides(self) -> None:
+        for name in NOT_CALLED_BY_STEP:
+            if getattr(type(self), name) is not getattr(TRLMethods, name):
+                warnings.warn(f"{type(self).__name__} overrides {name}, which fastppo's step does not call (it "
+                              "trains through fused log-probs without [B, T, V] logits); the override only applies "
+                              "where you call it yourself")
+
+    def _require_pad_token(self, where: str) -> None:
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer has no pad token, which {where} needs to pad the batch; set one first, "
+                             "e.g. tokenizer.pad_token = tokenizer.eos_token")
+
+    # ------------------------------------------------------------------ the step's phases
+
+    def prepare_model_inputs(self, queries: list, responses: list) -> dict:
+        """`{"input_ids", "attention_mask"}` `[B, L]` of query+response rows, padded on the tokenizer's side
+        to the longest row (by `training_data_collator` when one was given), on the trainer's device."""
+        self._require_pad_token("prepare_model_inputs")
+        sequences = [torch.cat([q, r]).to(self.current_device) for q, r in zip(queries, responses)]
+        if self.data_collator is not None:
+            batch = self.data_collator([{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in sequences])
+            batch = {key: value.to(self.current_device) for key, value in batch.items() if key != "labels"}
+            return batch
+        input_ids, attention_mask = padding.pad_rows(
+            sequences, max(len(s) for s in sequences), self.tokenizer.pad_token_id,
+            padding.padding_side(self.tokenizer), self.current_device)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def batched_forward_pass(self, model, queries: list, responses: list, model_inputs: dict,
+                             return_logits: bool = False, response_masks: Optional[list] = None):
+        """`(logprobs, logits or None, values, masks)`, all `[B, L-1]` (logits `[B, L-1, V]`), `mini_batch_size`
+        rows at a time, in eval mode; position t scores token t+1. `masks` marks each row's response tokens
+        (times `response_masks`). Without `return_logits`, the configured LM-head path runs: with
+        response_only_logits/fused_lm_head, log-probs off the response are 0."""
+        input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
+        masks = padding.response_mask(attention_mask, [len(q) for q in queries], [len(r) for r in responses],
+                                      response_masks)
+        unwrapped = self.accelerator.unwrap_model(model)
+        model.eval()
+        parts = {"logprobs": [], "logits": [], "values": []}
+        chunk = self.config.mini_batch_size
+        for start in range(0, input_ids.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            if return_logits:
+                logits, _, values = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows])
+                logits = logits[:, :-1]
+                parts["logits"].append(logits)
+                parts["logprobs"].append(ops.logprobs_from_logits(logits, input_ids[rows, 1:],
+                                                                  backend=self.config.backend))
+                parts["values"].append(values[:, :-1])
+            else:
+                out = heads.token_outputs(model, unwrapped, input_ids[rows], attention_mask[rows], masks[rows],
+                                          self.head_mode, self.config.backend)
+                parts["logprobs"].append(out.logprobs)
+                parts["values"].append(out.values)
+        logits = torch.cat(parts["logits"]) if return_logits else None
+        return torch.cat(parts["logprobs"]), logits, torch.cat(parts["values"]).float(), masks
+
+    def compute_rewards(self, scores, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, masks: torch.Tensor,
+                        kl: Optional[torch.Tensor] = None):
+        """Per-token rewards from scores and the KL penalty at the current `kl_ctl.value`:
+        `(rewards, non_score_rewards, kls)`, each `[B, T]`.
+
+        scores `[B]` (or a list of scalars); logprobs/ref_logprobs `[B, T]`, or with kl_penalty="full"
+        the whole log-distributions `[B, T, V]` as TRL passes them (or `kl` `[B, T]`, the exact KL
+        already computed). The score goes on each row's last masked token; rewards are 0 off the mask.
+        """
+        if not isinstance(scores, torch.Tensor):
+            scores = torch.stack([torch.as_tensor(s) for s in scores])
+        kl_coef = self.kl_ctl.value
+        if self.config.kl_penalty == "full" and kl is None:
+            if logprobs.dim() != 3:
+                raise ValueError("logprobs: kl_penalty='full' needs the whole log-distributions [B, T, V] "
+                                 f"(core.logprobs_from_logits(logits, None, gather=False)), got {tuple(logprobs.shape)}")
+            kl = ops.full_kl(logprobs, ref_logprobs, backend=self.config.backend)
+        if kl is not None:
+            logprobs = ref_logprobs = kl  # only their shape is read for the exact KL
+        rewards, kls = ops.kl_penalty_rewards(logprobs, ref_logprobs, masks, scores.float().to(masks.device),
+                                              kl_coef, estimator=self.config.kl_penalty, kl=kl,
+                                              backend=self.config.backend)
+        return rewards, -kl_coef * kls, kls
+
+    def _kl_penalty(self, logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
+        """The configured per-token KL estimate (kl_penalty="full": from `[..., V]` log-distributions)."""
+        if self.config.kl_penalty == "full":
+            return ops.full_kl(logprob, ref_logprob, backend=self.config.backend)
+        ones = torch.ones(logprob.shape, dtype=torch.long, device=logprob.device)
+        zeros = torch.zeros(logprob.shape[0], device=logprob.device)
+        return ops.kl_penalty_rewards(logprob, ref_logprob, ones, zeros, 0.0, estimator=self.config.kl_penalty,
+                                      backend=self.config.backend)[1]
+
+    def compute_advantages(self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor):
+        """`(masked values, whitened GAE advantages, returns)`, each `[B, T]`, TRL's classic math."""
+        if self.config.whiten_rewards:
+            # TRL whitens pad positions too and GAE carries them into the response; re-mask.
+            rewards = ops.masked_whiten(rewards * mask, mask, shift_mean=False, backend=self.config.backend) * mask
+        advantages, returns = ops.gae(rewards, values, mask, self.config.gamma, self.config.lam,
+                                      backend=self.config.backend)
+        advantages = ops.masked_whiten(advantages, mask, backend=self.config.backend)
+        return values * mask, advantages, returns
+
+    _compute_advantages = compute_advantages  # its name before it was public (tests use it)
+
+    def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
+        """TRL's `loss`: `(pg_loss, vf_coef · vf_loss, stats)` with stats flat under TRL's keys
+        ("loss/policy", "policy/ratio", "val/error", ...). A mini-batch whose mean ratio exceeds
+        `ratio_threshold` has its losses zeroed, with a warning. `logits` `[B, T, V]` give the entropy."""
+        config = self.config
+        out = ops.ppo_loss(logprobs, old_logprobs, vpreds, values, advantages, returns, mask, config.cliprange,
+                           config.cliprange_value, config.vf_coef, backend=config.backend, dual_clip=config.dual_clip)
+        ratio_mean = float(out.ratio_mean)
+        if ratio_mean > config.ratio_threshold:
+            warnings.warn(f"mean ratio {ratio_mean:.2f} of this mini-batch exceeds ratio_threshold="
+                          f"{config.ratio_threshold:.2f}; its loss is zeroed")
+            out = out._replace(loss=out.loss * 0.0, pg_loss=out.pg_loss * 0.0, vf_loss=out.vf_loss * 0.0)
+        with torch.no_grad():
+            entropy = core.entropy_from_logits(logits)
+            stats = step_statistics.minibatch_stats(out, entropy, advantages, returns, values, mask, config.vf_coef)
+        stats["policy/advantages"] = advantages.detach()
+        stats["policy/ratio"] = out.ratio
+        return out.pg_loss, config.vf_coef * out.vf_loss, stats
+
+    def train_minibatch(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns) -> dict:
+        """One optimizer step on `loss` of outputs the caller computed with gradient; returns its stats."""
+        self.model.train()
+        loss_p, loss_v, train_stats = self.loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
+                                                returns)
+        self.accelerator.backward(loss_p + loss_v)
+        if self.config.max_grad_norm is not None and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.model_params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return train_stats
+
+    def record_step_stats(self, kl_coef: float, **data) -> dict:
+        """The step's `objective/*`, `ppo/*` and `tokens/*` statistics (tensors; `step` converts them).
+
+        data: scores, logprobs, ref_logprobs, non_score_reward, kls, masks, queries, responses, and
+        train_stats (each key's values over mini-batches stacked along the first dim: its mean is kept).
+        """
+        train_stats = {key: torch.mean(value, dim=0) for key, value in data["train_stats"].items()}
+        stats = step_statistics.step_stats(
+            scores=data["scores"], logprobs=data["logprobs"], ref_logprobs=data["ref_logprobs"], kls=data["kls"],
+            kl_coef=kl_coef, mask=data["masks"], query_lengths=[len(q) for q in data["queries"]],
+            response_lengths=[len(r) for r in data["responses"]], train_stats=train_stats,
+            non_score_reward=data["non_score_reward"])
+        mean_kl = float(stats["objective/kl"])
+        if mean_kl < -1.0:
+            warnings.warn(f"the mean KL to the reference is negative ({mean_kl:.2f}): often a sign of generation "
+                          "kwargs that sample differently from the policy's distribution (top-k, temperature, "
+                          "min_length), or of unstable training")
+        return stats
+
+    def gather_stats(self, stats: dict) -> dict:
+        """Every scalar tensor statistic averaged over processes (distributions stay per process)."""
+        return step_statistics.reduce_across_processes(stats, self.accelerator)
+
+    def _early_stop(self, policykl: torch.Tensor) -> bool:
+        """True (and gradients zeroed) when early_stopping is on and the policy KL passed 1.5 × target_kl."""
+        return bool(self.config.early_stopping) and self._should_stop_early(policykl)
+
+    def _step_safety_checker(self, batch_size: int, queries: list, responses: list, scores, masks=None):
+        """Check and move the step's inputs as `step` does: `(queries, responses, scores, masks)` on the device."""
+        batch = inputs.check_step_inputs(queries, responses, scores, masks, batch_size, self.vocab_size,
+                                         self.current_device)
+        return batch.queries, batch.responses, list(batch.scores), batch.response_masks
+
+    # ------------------------------------------------------------------ saving
+
+    def _save_pretrained(self, save_directory: str) -> None:
+        """Write the policy (value head included) and the tokenizer: what `save_pretrained` runs on the main
+        process once the weights are gathered. Override it to save more."""
+        self.unwrapped_model.save_pretrained(save_directory, state_dict=getattr(self, "_state_to_save", None))
+        self.tokenizer.save_pretrained(save_directory)
+
+    def create_model_card(self, path: str, model_name: Optional[str] = "fastppo model") -> None:
+        """Write a short model card (README.md) into `path`, saying how the model was trained."""
+        os.makedirs(path, exist_ok=True)
+        base = getattr(self.unwrapped_model.config, "_name_or_path", "") or "a causal LM"
+        with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(f"---\nlibrary_name: fastppo\ntags:\n- ppo\n- rlhf\n---\n\n# {model_name}\n\n"
+                         f"{base} fine-tuned with PPO (fastppo, TRL 0.11's classic PPOTrainer math), with a value "
+                         "head (`v_head.summary.*`). Load it with `fastppo.AutoModelForCausalLMWithValueHead."
+                         "from_pretrained(path)` or `trl.AutoModelForCausalLMWithValueHead.from_pretrained(path)`; "
+                         "plain `transformers.AutoModelForCausalLM.from_pretrained(path)` loads the LM.\n")
