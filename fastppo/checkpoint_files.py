@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from typing import Iterable, Optional
 
 import torch
@@ -22,6 +23,15 @@ LEGACY_V_HEAD_FILE = "v_head.safetensors"  # what fastppo wrote before, still re
 _MODULE_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin", LEGACY_V_HEAD_FILE)
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class UnreadableFileError(OSError):
+    """A checkpoint file that exists but cannot be read (corrupt, truncated, not that format); names the file."""
+
+    def __init__(self, path: str, error: BaseException):
+        super().__init__(f"{path}: cannot be read, the file is corrupt or truncated "
+                         f"(re-save or re-download it): {type(error).__name__}: {error}")
+        self.path = path
 
 
 def resolve_file(source: str, filename: str, load_kwargs: dict) -> Optional[str]:
@@ -52,8 +62,7 @@ def load_module_state(source: str, load_kwargs: dict, modules: Iterable[str] = (
         if path is None:
             continue
         if filename.endswith(".index.json"):
-            with open(path) as handle:
-                weight_map = json.load(handle)["weight_map"]
+            weight_map = _read_index(path)
             state = {}
             for shard in sorted({shard for key, shard in weight_map.items() if _matches(key, markers)}):
                 shard_path = resolve_file(source, shard, load_kwargs)
@@ -76,14 +85,79 @@ def load_adapter_state(source: str, load_kwargs: dict) -> Optional[dict]:
 
 
 def read_tensors(path: str, markers: Optional[tuple]) -> dict:
-    """Tensors of a safetensors or torch file whose key contains one of `markers` (all if None), on CPU."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
+    """Tensors of a safetensors or torch file whose key contains one of `markers` (all if None), on CPU.
+    Raises UnreadableFileError naming `path` when the file cannot be read."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys() if _matches(k, markers)}
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in state.items() if _matches(k, markers)}
+            with safe_open(path, framework="pt") as handle:
+                return {k: handle.get_tensor(k) for k in handle.keys() if _matches(k, markers)}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a dict of tensors")
+        return {k: v for k, v in state.items() if _matches(k, markers)}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors, torch (zip, pickle) and OS errors do not name the file
+        raise UnreadableFileError(path, error) from error
+
+
+def _read_index(path: str) -> dict:
+    """The `weight_map` of a sharded checkpoint's index file."""
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise UnreadableFileError(path, ValueError(f"no 'weight_map' dict, got {weight_map!r}"))
+    return weight_map
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise UnreadableFileError(path, error) from error
+    if not isinstance(content, dict):
+        raise UnreadableFileError(path, ValueError(f"holds a JSON {type(content).__name__}, not an object"))
+    return content
+
+
+def find_unreadable_file(source: str, load_kwargs: dict) -> Optional[UnreadableFileError]:
+    """After a failed load: the error of the first weights or adapter file in the local directory `source` that
+    cannot be read (index files and the shards they list included), or None. Reads headers, and .bin files memory-
+    mapped as transformers does (a legacy non-zip .bin in full)."""
+    if not os.path.isdir(source):  # a hub id: its files are downloaded and checked by huggingface_hub
+        return None
+    folder = os.path.join(source, load_kwargs.get("subfolder") or "")
+    names = [name for name in _MODULE_FILES + _ADAPTER_FILES if not name.endswith(".json")]
+    try:
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            _read_json(os.path.join(folder, "adapter_config.json"))
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if os.path.isfile(os.path.join(folder, index)):
+                names += sorted(set(_read_index(os.path.join(folder, index)).values()))
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                _check_readable(path)
+    except UnreadableFileError as error:
+        return error
+    return None
+
+
+def _check_readable(path: str) -> None:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:  # checks the header against the file's size
+                handle.keys()
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:
+        raise UnreadableFileError(path, error) from error
 
 
 def save_module_state(state: dict, save_directory: str) -> None:

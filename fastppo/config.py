@@ -1,15 +1,18 @@
 """PPOConfig: TRL-classic (v0.11) field names and defaults, plus fastppo's own switches.
 
 Every field keeps TRL's name and default so a TRL script's `PPOConfig(...)` call works
-unchanged. Invalid values raise `ValueError` at construction, naming the field.
+unchanged. Invalid values raise `ValueError` at construction, naming the field (`ImportError` for a
+`log_with` tracker that is not installed). Each field's type is checked from its annotation.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
@@ -148,10 +151,14 @@ class PPOConfig:
     """With `step(..., rollout_logprobs=...)`: None (TRL's loss) or "tis" (scale each token's policy loss by a truncated importance weight)."""
     rollout_is_cap: float = 2.0
     """Cap of rollout_correction="tis"'s weight min(exp(old_logprob - rollout_logprob), rollout_is_cap)."""
+    nonfinite_guard: bool = True
+    """Skip an optimizer step whose gradients, loss, log-probs or values hold NaN/inf (counted in fastppo/skipped_nonfinite); costs one host sync per optimizer step."""
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # every field against its annotation and range, before any is used
+            _check_field(self, f.name)
         if self.optimize_cuda_cache is not None:
-            self.optimize_device_cache = bool(self.optimize_cuda_cache)
+            self.optimize_device_cache = self.optimize_cuda_cache
         if self.forward_batch_size is not None:
             self.mini_batch_size = self.forward_batch_size
         self._validate()
@@ -159,10 +166,7 @@ class PPOConfig:
         self.total_ppo_epochs = int(math.ceil(self.steps / self.batch_size))
 
     def _validate(self) -> None:
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "compare_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+        """Checks across fields (each field's own type and range: `_check_field`)."""
         backward = self.mini_batch_size * self.gradient_accumulation_steps
         if self.batch_size % backward != 0:
             raise ValueError(
@@ -170,57 +174,22 @@ class PPOConfig:
                 f"got batch_size={self.batch_size}, mini_batch_size={self.mini_batch_size}, "
                 f"gradient_accumulation_steps={self.gradient_accumulation_steps}"
             )
-        if self.push_to_hub_if_best_kwargs and "repo_id" not in self.push_to_hub_if_best_kwargs:
-            raise ValueError("PPOConfig.push_to_hub_if_best_kwargs must name the repository: add 'repo_id'")
-        if self.kl_penalty not in KL_PENALTIES:
-            raise ValueError(f"PPOConfig.kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"PPOConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        _require(self, "learning_rate", lambda v: v >= 0, "a non-negative number")
-        _require(self, "init_kl_coef", lambda v: v >= 0, "a non-negative number")
-        _require(self, "target", lambda v: v > 0, "a positive number")
-        _require(self, "horizon", lambda v: v > 0, "a positive number")
-        _require(self, "gamma", lambda v: 0 <= v <= 1, "in [0, 1]")
-        _require(self, "lam", lambda v: 0 <= v <= 1, "in [0, 1]")
-        _require(self, "cliprange", lambda v: v >= 0, "a non-negative number")
-        _require(self, "cliprange_value", lambda v: v >= 0, "a non-negative number")
-        _require(self, "vf_coef", lambda v: v >= 0, "a non-negative number")
-        _require(self, "target_kl", lambda v: v > 0, "a positive number")
-        _require(self, "ratio_threshold", lambda v: v > 0, "a positive number")
-        if self.max_grad_norm is not None:
-            _require(self, "max_grad_norm", lambda v: v > 0, "a positive number or None")
-        if self.dual_clip is not None:
-            _require(self, "dual_clip", lambda v: v > 1, "a number > 1 or None")
-        if self.score_clip is not None:
-            _require(self, "score_clip", lambda v: v > 0, "a positive number or None")
-        if self.rollout_batch_size is not None and (
-            isinstance(self.rollout_batch_size, bool) or not isinstance(self.rollout_batch_size, int)
-            or self.rollout_batch_size < 1
-        ):
-            raise ValueError(f"PPOConfig.rollout_batch_size must be a positive integer or None, got {self.rollout_batch_size!r}")
-        if self.max_tokens_per_microbatch is not None and (
-            isinstance(self.max_tokens_per_microbatch, bool) or not isinstance(self.max_tokens_per_microbatch, int)
-            or self.max_tokens_per_microbatch < 1
-        ):
-            raise ValueError("PPOConfig.max_tokens_per_microbatch must be a positive integer or None, "
-                             f"got {self.max_tokens_per_microbatch!r}")
-        if not isinstance(self.padding_free, bool):
-            raise ValueError(f"PPOConfig.padding_free must be True or False, got {self.padding_free!r}")
+        if self.push_to_hub_if_best_kwargs:
+            repo_id = self.push_to_hub_if_best_kwargs.get("repo_id")
+            if not isinstance(repo_id, str) or not repo_id:
+                raise ValueError("PPOConfig.push_to_hub_if_best_kwargs must name the repository: add 'repo_id' "
+                                 f"(a non-empty string), got {repo_id!r}")
+        _check_accelerate_arguments(self)
         if self.fused_lm_head and self.kl_penalty == "full":
             raise ValueError("PPOConfig.fused_lm_head=True cannot compute kl_penalty='full' (it needs full logits); "
                              "use response_only_logits=True instead")
-        if self.rollout_engine not in ROLLOUT_ENGINES:
-            raise ValueError(f"PPOConfig.rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
-        if not isinstance(self.vllm_kwargs, dict):
-            raise ValueError(f"PPOConfig.vllm_kwargs must be a dict, got {type(self.vllm_kwargs).__name__}")
         reserved = [name for name in VLLM_RESERVED if name in self.vllm_kwargs]
         if reserved:
             raise ValueError(f"PPOConfig.vllm_kwargs must not set {reserved[0]!r}: fastppo builds the engine from the "
                              "policy it trains and feeds it the policy's weights")
-        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
-            raise ValueError(f"PPOConfig.rollout_correction must be one of {ROLLOUT_CORRECTIONS}, "
-                             f"got {self.rollout_correction!r}")
-        _require(self, "rollout_is_cap", lambda v: v > 0, "a positive number")
+        if self.vllm_kwargs and self.rollout_engine != "vllm":
+            raise ValueError(f"PPOConfig.vllm_kwargs is set but rollout_engine={self.rollout_engine!r} builds no vLLM "
+                             "engine: set rollout_engine='vllm', or drop vllm_kwargs")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True")
 
@@ -236,8 +205,119 @@ class PPOConfig:
         return flat
 
 
-def _require(config: PPOConfig, name: str, check, expected: str) -> None:
+# Each field's type comes from its annotation (Optional[...] also accepts None; a `dict` field also
+# accepts None, meaning {}, as TRL's Optional[dict]). Within the type: an int field must be >= 1 and a
+# float field finite, unless _RANGES says otherwise; a field in _CHOICES must be one of them.
+_TYPE_WORDS = {bool: "True or False", int: "a positive integer", float: "a finite number", str: "a string",
+               dict: "a dict with string keys"}
+_NON_NEGATIVE = (lambda v: v >= 0, "a non-negative number")
+_POSITIVE = (lambda v: v > 0, "a positive number")
+_FRACTION = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_RANGES = {
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),  # numpy's seed range
+    "steps": (lambda v: v >= 0, "a non-negative integer"),
+    "learning_rate": _NON_NEGATIVE, "init_kl_coef": _NON_NEGATIVE, "target": _POSITIVE, "horizon": _POSITIVE,
+    "gamma": _FRACTION, "lam": _FRACTION, "cliprange": _NON_NEGATIVE, "cliprange_value": _NON_NEGATIVE,
+    "vf_coef": _NON_NEGATIVE, "max_grad_norm": _POSITIVE, "target_kl": _POSITIVE, "ratio_threshold": _POSITIVE,
+    "dual_clip": (lambda v: v > 1, "a number > 1"), "score_clip": _POSITIVE, "rollout_is_cap": _POSITIVE,
+}
+# Limits where +inf means "never" (no clipping, no ratio guard, no early stop), as TRL accepts them.
+_MAY_BE_INFINITE = ("cliprange", "cliprange_value", "max_grad_norm", "target_kl", "ratio_threshold", "score_clip",
+                    "rollout_is_cap")
+_CHOICES = {"kl_penalty": KL_PENALTIES, "backend": BACKENDS, "rollout_engine": ROLLOUT_ENGINES,
+            "rollout_correction": ROLLOUT_CORRECTIONS}
+# accelerate.Accelerator arguments the trainer sets from other fields
+_ACCELERATOR_RESERVED = {"log_with": "PPOConfig.log_with", "project_config": "PPOConfig.project_kwargs",
+                         "gradient_accumulation_steps": "PPOConfig.gradient_accumulation_steps"}
+
+
+def _field_types() -> dict:
+    """{field name: (type, accepts None)} from PPOConfig's annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(PPOConfig).items():
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        optional = typing.get_origin(hint) is typing.Union
+        kind = args[0] if optional else hint
+        kind = typing.get_origin(kind) or kind  # dict[str, Any] -> dict
+        out[name] = (kind, optional or kind is dict)
+    return out
+
+
+def _check_field(config: PPOConfig, name: str) -> None:
+    """Raise ValueError naming `name` if its value is not of its annotated type and range."""
+    kind, optional = _FIELD_TYPES[name]
     value = getattr(config, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and check(value)
-    if not ok:
-        raise ValueError(f"PPOConfig.{name} must be {expected}, got {value!r}")
+    if value is None and optional:
+        if kind is dict:
+            setattr(config, name, {})
+        return
+    if name == "log_with":
+        return _check_log_with(value)
+    if name in _CHOICES:
+        if not (value is None or isinstance(value, str)) or value not in _CHOICES[name]:
+            raise ValueError(f"PPOConfig.{name} must be one of {_CHOICES[name]}, got {value!r}")
+        return
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = {bool: lambda: isinstance(value, bool), int: lambda: number and isinstance(value, numbers.Integral),
+          float: lambda: number and (_finite(value) or (name in _MAY_BE_INFINITE and value == math.inf)),
+          str: lambda: isinstance(value, str),
+          dict: lambda: isinstance(value, dict) and all(isinstance(key, str) for key in value),
+          }.get(kind, lambda: True)()  # a type not listed here: no check
+    check, expected = _RANGES.get(name, ((lambda v: v >= 1) if kind is int else None, _TYPE_WORDS.get(kind, "")))
+    if not ok or (check is not None and not check(value)):
+        raise ValueError(f"PPOConfig.{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_log_with(value) -> None:
+    """None, a tracker name accelerate knows (installed), a GeneralTracker, or a list of those."""
+    from accelerate.tracking import GeneralTracker, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [t.value for t in LoggerType]
+    items = [item for item in (value if isinstance(value, (list, tuple)) else [value])
+             if not isinstance(item, GeneralTracker)]
+    for item in items:
+        if not isinstance(item, str) or item not in names:
+            raise ValueError(f"PPOConfig.log_with must be None, one of {names}, an accelerate GeneralTracker or a "
+                             f"list of those, got {item!r}")
+    for item in items:
+        if item != "all" and LoggerType(item) not in get_available_trackers():
+            raise ImportError(f"PPOConfig.log_with={item!r}: the {item} package is not installed "
+                              f"(pip install {item}), so nothing would be logged")
+
+
+def _check_accelerate_arguments(config: PPOConfig) -> None:
+    """accelerator_kwargs / project_kwargs name arguments of accelerate.Accelerator / ProjectConfiguration that the
+    trainer does not set itself; tracker_kwargs maps a tracker name to its init kwargs."""
+    if config.accelerator_kwargs or config.project_kwargs:
+        import dataclasses
+        import inspect
+
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        for key in config.accelerator_kwargs:
+            if key in _ACCELERATOR_RESERVED:
+                raise ValueError(f"PPOConfig.accelerator_kwargs must not set {key!r}: the trainer sets it from "
+                                 f"{_ACCELERATOR_RESERVED[key]}")
+            if key not in inspect.signature(Accelerator).parameters:
+                raise ValueError(f"PPOConfig.accelerator_kwargs: {key!r} is not an argument of accelerate.Accelerator")
+        known = {f.name for f in dataclasses.fields(ProjectConfiguration)}
+        for key in config.project_kwargs:
+            if key not in known:
+                raise ValueError(f"PPOConfig.project_kwargs: {key!r} is not a field of accelerate's "
+                                 f"ProjectConfiguration ({sorted(known)})")
+    for key, value in config.tracker_kwargs.items():
+        if not isinstance(value, dict):
+            raise ValueError("PPOConfig.tracker_kwargs maps a tracker name to its init kwargs, e.g. "
+                             f"{{'wandb': {{'entity': ...}}}}; got {key!r}: {value!r}")
+
+
+_FIELD_TYPES = _field_types()

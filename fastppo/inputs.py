@@ -171,11 +171,22 @@ def check_rollout_logprobs(rollout_logprobs, responses: Sequence[torch.Tensor], 
     return checked
 
 
+def check_lengths(names: str, lengths: Sequence[int], max_length: Optional[int], what: str = "tokens") -> None:
+    """ValueError naming the first `names[i]` whose length passes the model's `max_length` positions."""
+    if max_length is None:
+        return
+    for index, length in enumerate(lengths):
+        if length > max_length:
+            raise ValueError(f"{names.format(i=index)} is {length} {what}, longer than the model's "
+                             f"{max_length} positions (its config's max_position_embeddings)")
+
+
 def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
-                      device: torch.device, rollout_logprobs=None) -> StepInputs:
-    """All of `step`'s arguments, checked and moved to `device`."""
+                      device: torch.device, rollout_logprobs=None, max_length: Optional[int] = None) -> StepInputs:
+    """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`."""
     queries = check_token_list("queries", queries, vocab_size, device, batch_size)
     responses = check_token_list("responses", responses, vocab_size, device, batch_size)
+    check_lengths("queries[{i}] + responses[{i}]", [len(q) + len(r) for q, r in zip(queries, responses)], max_length)
     scores = check_scores(scores, batch_size, device)
     masks = check_response_masks(response_masks, responses, device)
     rollout_logprobs = check_rollout_logprobs(rollout_logprobs, responses, device)

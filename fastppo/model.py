@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 from collections import OrderedDict
 from typing import Optional
 
@@ -36,6 +38,24 @@ def _hidden_size(config) -> int:
     raise ValueError(f"cannot find the hidden size in the model config {type(config).__name__}")
 
 
+# value-head arguments that take a number (or None: the default): (check, what the message says is expected)
+_VALUE_HEAD_NUMBERS = {
+    "summary_dropout_prob": (lambda v: 0 <= v < 1, "a number in [0, 1) or None"),
+    "v_head_initializer_range": (lambda v: v > 0, "a positive number or None"),
+}
+
+
+def _check_value_head_number(name: str, value, label: Optional[str] = None) -> None:
+    """TypeError for a non-number, ValueError for NaN/inf or out of range; the message names `label` or `name`."""
+    if value is None:
+        return
+    check, expected = _VALUE_HEAD_NUMBERS[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{label or name} must be {expected}, got {value!r}")
+    if not (math.isfinite(value) and check(value)):
+        raise ValueError(f"{label or name} must be {expected}, got {value!r}")
+
+
 class ValueHead(nn.Module):
     """Dropout + Linear(hidden, 1): one value per position. Computes in its own dtype (float32 by default).
 
@@ -47,7 +67,12 @@ class ValueHead(nn.Module):
     def __init__(self, config, **kwargs):
         super().__init__()
         hidden_size = config if isinstance(config, int) else _hidden_size(config)
-        dropout = kwargs.get("summary_dropout_prob", getattr(config, "summary_dropout_prob", 0.1))
+        if "summary_dropout_prob" in kwargs:
+            dropout = kwargs["summary_dropout_prob"]
+            _check_value_head_number("summary_dropout_prob", dropout)
+        else:
+            dropout = getattr(config, "summary_dropout_prob", 0.1)
+            _check_value_head_number("summary_dropout_prob", dropout, "the model config's summary_dropout_prob")
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.summary = nn.Linear(hidden_size, 1)
 
@@ -77,6 +102,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         unknown = set(kwargs) - set(self.supported_args)
         if unknown:
             raise TypeError(f"unexpected value-head arguments {sorted(unknown)}; supported: {self.supported_args}")
+        self._check_wrapper_kwargs(kwargs, {})
         if not isinstance(pretrained_model, nn.Module) or not hasattr(pretrained_model, "get_output_embeddings"):
             raise TypeError(f"pretrained_model must be a transformers causal LM, got {type(pretrained_model).__name__}")
         super().__init__(pretrained_model, **adapter_kwargs)
@@ -87,16 +113,25 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         self._init_weights(**kwargs)
         self.v_head.to(self._lm_head_device())
 
+    @classmethod
+    def _check_wrapper_kwargs(cls, wrapper_kwargs: dict, pretrained_kwargs: dict) -> None:
+        """Refuse bad value-head arguments before anything is built or loaded: `summary_dropout_prob` a number in
+        [0, 1) or None, `v_head_initializer_range` a positive finite number or None (0.2),
+        `v_head_init_strategy` None or "normal" (TRL ignores another)."""
+        super()._check_wrapper_kwargs(wrapper_kwargs, pretrained_kwargs)
+        for name in _VALUE_HEAD_NUMBERS:
+            _check_value_head_number(name, wrapper_kwargs.get(name))
+        strategy = wrapper_kwargs.get("v_head_init_strategy")
+        if strategy is not None and not (isinstance(strategy, str) and strategy == "normal"):
+            raise ValueError(f"v_head_init_strategy must be None or 'normal', got {strategy!r}")
+
     def _init_weights(self, **kwargs) -> None:
         """Initialise the value head: `v_head_init_strategy=None` keeps nn.Linear's default (as TRL);
-        `"normal"` draws the weight from N(0, `v_head_initializer_range`=0.2) and zeroes the bias.
-        Raises ValueError for another strategy (TRL ignores it)."""
-        strategy = kwargs.get("v_head_init_strategy")
-        if strategy is None:
+        `"normal"` draws the weight from N(0, `v_head_initializer_range`=0.2) and zeroes the bias."""
+        if kwargs.get("v_head_init_strategy") is None:
             return
-        if strategy != "normal":
-            raise ValueError(f"v_head_init_strategy must be None or 'normal', got {strategy!r}")
-        nn.init.normal_(self.v_head.summary.weight, mean=0.0, std=kwargs.get("v_head_initializer_range", 0.2))
+        std = kwargs.get("v_head_initializer_range")
+        nn.init.normal_(self.v_head.summary.weight, mean=0.0, std=0.2 if std is None else std)
         nn.init.zeros_(self.v_head.summary.bias)
 
     def post_init(self, state_dict) -> None:

@@ -89,14 +89,15 @@ class HFEngine:
     def _for_generation(self, model, disable_adapter: bool):
         """The unwrapped model, in eval mode (no dropout while sampling), adapters off if asked."""
         unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
+        modes = [(module, module.training) for module in unwrapped.modules()]  # restored module by module
         unwrapped.eval()
         adapter_ctx = unwrapped.pretrained_model.disable_adapter() if disable_adapter else contextlib.nullcontext()
         try:
             with adapter_ctx, torch.no_grad():
                 yield unwrapped
         finally:
-            unwrapped.train(was_training)
+            for module, training in modes:
+                module.training = training
 
 
 def draw_lengths(length_sampler, n_queries: int, batch_size: int) -> Optional[list]:

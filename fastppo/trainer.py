@@ -9,6 +9,7 @@ through `fastppo.ops`, which picks the Triton kernels or the PyTorch reference.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -24,7 +25,9 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import heads, inputs, microbatch, ops, packing, padding, sharding, stats as step_statistics
+from . import checkpointing, guards, heads, inputs, microbatch, ops, packing, padding, sharding
+from . import trainer_checks as checks
+from . import stats as step_statistics
 from .config import PPOConfig
 from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
@@ -80,7 +83,7 @@ class PPOTrainer(TRLMethods):
         lr_scheduler=None,
         training_data_collator: Optional[Callable] = None,
     ):
-        _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler)
+        checks.check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler)
         self.config = config
         self.tokenizer = tokenizer
         self.data_collator = training_data_collator
@@ -123,6 +126,8 @@ class PPOTrainer(TRLMethods):
             disable_dropout(model)  # the training forward then runs in train mode (see _train_minibatch)
         if optimizer is None:
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+        checks.check_model_pairing(model, ref_model, optimizer)
+        checks.warn_low_precision_training(model, self.accelerator)
         self.dataset = dataset
         dataloader = None
         if dataset is not None:
@@ -165,6 +170,7 @@ class PPOTrainer(TRLMethods):
         )
         self.running = RunningMoments()
         self.current_step = 0
+        self._config_at_start = copy.deepcopy(config.to_dict())  # step refuses a config changed since
         self.highest_reward, self._compare_step = -math.inf, 0  # push_to_hub_if_best_kwargs
         self.accelerator.init_trackers(
             config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
@@ -237,6 +243,7 @@ class PPOTrainer(TRLMethods):
             queries = [inputs.check_token_ids("query_tensor", query_tensor, self.vocab_size, self.current_device)]
         else:
             queries = inputs.check_token_list("query_tensor", query_tensor, self.vocab_size, self.current_device)
+        self._check_generation_lengths(queries, single, length_sampler, generation_kwargs)
         self.rollout_engine.check_kwargs(self.model, generation_kwargs)
         if generate_ref_response:
             self.hf_engine.check_kwargs(self._reference_model(), generation_kwargs)
@@ -257,6 +264,18 @@ class PPOTrainer(TRLMethods):
             return responses, sample(self.hf_engine, self._reference_model(), disable_adapter=self.is_peft_model)
         return responses
 
+    def _check_generation_lengths(self, queries, single: bool, length_sampler, generation_kwargs) -> None:
+        """Query + the most new tokens asked for must fit the model's positions (checked before sampling)."""
+        limit = checks.max_positions(self.unwrapped_model)
+        values = getattr(length_sampler, "values", None)  # core.LengthSampler's range
+        most = max(values) if length_sampler is not None and values else generation_kwargs.get("max_new_tokens")
+        name = "query_tensor" if single else "query_tensor[{i}]"
+        if isinstance(most, int):
+            source = "length_sampler's longest" if length_sampler is not None else "max_new_tokens"
+            inputs.check_lengths(f"{name} + {source} ({most})", [len(q) + most for q in queries], limit)
+        elif isinstance(generation_kwargs.get("max_length"), int):
+            inputs.check_lengths("max_length", [generation_kwargs["max_length"]], limit)
+
     def _reference_model(self):
         return self.model if self.is_peft_model else self.ref_model
 
@@ -273,14 +292,54 @@ class PPOTrainer(TRLMethods):
         training-vs-rollout mismatch is then reported under `rollout/*`, and with
         `config.rollout_correction="tis"` each token's policy loss is weighted by
         min(exp(old_logprob − rollout_logprob), rollout_is_cap). Returns TRL's statistics dict plus
-        `fastppo/*` entries. Raises TypeError/ValueError on bad input before changing anything.
+        `fastppo/*` entries.
+
+        Raises TypeError/ValueError on bad input before changing anything. An optimizer step whose
+        gradients (or loss, log-probs, values) hold NaN/inf is skipped (`fastppo/skipped_nonfinite`,
+        with a warning naming the first non-finite tensor); a step where every one is skipped raises
+        FloatingPointError saying where the non-finite values started. If `step` raises once training
+        began, the optimizer steps already taken stay applied (weights, optimizer state); everything else
+        is as before the call: gradients cleared, train/eval mode, running score moments, the
+        gradient-accumulation phase, KL coefficient, scheduler and counters.
         """
         self._require_pad_token("step")
+        self._check_config_unchanged()
         batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
-                                         self.vocab_size, self.current_device, rollout_logprobs)
+                                         self.vocab_size, self.current_device, rollout_logprobs,
+                                         max_length=checks.max_positions(self.unwrapped_model))
         if self.config.rollout_correction is not None and batch.rollout_logprobs is None:
             raise ValueError(f"rollout_logprobs: config.rollout_correction={self.config.rollout_correction!r} needs "
                              "the rollout engine's log-probs; pass those of generate(..., return_logprobs=True)")
+        with self._restored_on_error():
+            return self._step(batch)
+
+    def _check_config_unchanged(self) -> None:
+        now = self.config.to_dict()
+        changed = sorted(k for k, v in self._config_at_start.items() if now.get(k) != v)
+        if changed:
+            raise ValueError(f"config fields {changed} changed after the PPOTrainer was built, which it does not "
+                             "follow (the optimizer, accelerator and controllers were set up from them); build a new "
+                             "trainer, or set them back")
+
+    @contextlib.contextmanager
+    def _restored_on_error(self):
+        """On an exception inside step: clear gradients, restore modes, running moments and the accumulation phase."""
+        was_training = self.model.training
+        running = self.running.state_dict()
+        accumulation_phase = self.accelerator.step
+        try:
+            yield
+        except BaseException:
+            for parameter in self.model.parameters():
+                parameter.grad = None
+            self.model.train(was_training)
+            self.running.load_state_dict(running)
+            self.accelerator.step = accumulation_phase
+            self.accelerator.gradient_state._set_sync_gradients(True)
+            self._accumulated_flags = None
+            raise
+
+    def _step(self, batch: inputs.StepInputs) -> dict:
         timing = {}
         start = time.time()
         scores = self._prepare_scores(batch.scores)
@@ -312,6 +371,8 @@ class PPOTrainer(TRLMethods):
         train_stats, optimisation = self._optimize(input_ids, attention_mask, rollout.logprobs, values, advantages,
                                                    returns, mask, correction)
         timing["time/ppo/optimize_step"] = time.time() - t
+        if optimisation["fastppo/skipped_nonfinite"] and not optimisation["fastppo/optimizer_steps"]:
+            raise FloatingPointError(self._nonfinite_origin(rollout, rewards, advantages, mask))
 
         t = time.time()
         stats = self.record_step_stats(
@@ -327,7 +388,10 @@ class PPOTrainer(TRLMethods):
         timing["time/ppo/calc_stats"] = time.time() - t
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
 
-        self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.config.world_size)
+        if math.isfinite(stats["objective/kl"]):
+            self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.config.world_size)
+        else:
+            warnings.warn(f"objective/kl is {stats['objective/kl']}: the KL coefficient was not updated")
         timing["time/ppo/total"] = time.time() - start
         stats.update(timing)
         stats.update(optimisation)
@@ -360,13 +424,6 @@ class PPOTrainer(TRLMethods):
                 self.highest_reward = mean_score
                 self.push_to_hub(**self.config.push_to_hub_if_best_kwargs)
         self._compare_step += 1
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> None:
-        """Push the policy (value head included) and the tokenizer to the hub repository `repo_id`
-        (main process only; kwargs go to transformers' `push_to_hub`)."""
-        if self.accelerator.is_main_process:
-            self.unwrapped_model.push_to_hub(repo_id, **kwargs)
-            self.tokenizer.push_to_hub(repo_id, **kwargs)
 
     def _pad_batch(self, queries, responses, response_masks):
         """`input_ids`/`attention_mask` `[B, L]` (`prepare_model_inputs`; with padding_free always right-padded,
@@ -432,6 +489,8 @@ class PPOTrainer(TRLMethods):
         """Policy and reference forward passes over the batch, `rollout_batch_size` rows at a time."""
         full = self.config.kl_penalty == "full"
         self.model.eval()
+        if self.ref_model is not None:
+            self.ref_model.eval()  # whatever mode it was left in: the reference's log-probs never get dropout
         parts = {"logprobs": [], "ref_logprobs": [], "values": [], "full_kl": []}
         for rows in self._rollout_chunks(attention_mask):
             packed = self._pack(input_ids[rows], attention_mask[rows], mask[rows])
@@ -468,16 +527,19 @@ class PPOTrainer(TRLMethods):
         config = self.config
         per_minibatch, skipped = [], []
         optimizer_steps, early_stopped = 0, False
+        self._nonfinite = []  # (mini-batch indices, first non-finite source) of each skipped optimizer step
+        self._accumulated_flags = None
         for _ in range(config.ppo_epochs):
             order = np.random.permutation(config.batch_size)
             for start in range(0, config.batch_size, config.mini_batch_size):
                 idx = torch.as_tensor(order[start:start + config.mini_batch_size], device=self.current_device)
+                self._minibatch_index = len(per_minibatch)
                 with self.accelerator.accumulate(self.model):
-                    stats, skip = self._train_minibatch(
+                    stats, skip, stepped = self._train_minibatch(
                         input_ids[idx], attention_mask[idx], old_logprobs[idx], old_values[idx], advantages[idx],
                         returns[idx], mask[idx], rollout_logprobs[idx] if rollout_logprobs is not None else None,
                     )
-                    optimizer_steps += int(self.accelerator.sync_gradients)
+                    optimizer_steps += int(stepped)
                 per_minibatch.append(stats)
                 skipped.append(skip)
                 self._maybe_clear_cache()
@@ -488,9 +550,16 @@ class PPOTrainer(TRLMethods):
         if n_skipped:
             warnings.warn(f"{n_skipped} mini-batch(es) had a mean ratio above ratio_threshold="
                           f"{config.ratio_threshold}; their loss was zeroed")
+        if self._nonfinite and optimizer_steps:
+            warnings.warn(f"{len(self._nonfinite)} optimizer step(s) skipped for non-finite values (first: "
+                          f"{guards.describe(*self._nonfinite[0])}); the weights and optimizer state did not take "
+                          "them, and the ppo/* statistics leave those mini-batches out")
+            skipped_minibatches = {index for indices, _ in self._nonfinite for index in indices}
+            per_minibatch = [stats for index, stats in enumerate(per_minibatch) if index not in skipped_minibatches]
         counters = {
             "fastppo/optimizer_steps": float(optimizer_steps),
             "fastppo/skipped_minibatches": float(n_skipped),
+            "fastppo/skipped_nonfinite": float(len(self._nonfinite)),
             "fastppo/early_stopped": float(early_stopped),
         }
         return step_statistics.stack_minibatch_stats(per_minibatch), counters
@@ -508,40 +577,90 @@ class PPOTrainer(TRLMethods):
                            config.cliprange, config.cliprange_value, config.vf_coef, backend=config.backend,
                            dual_clip=config.dual_clip, rollout_logprobs=rollout_logprobs,
                            rollout_is_cap=config.rollout_is_cap)
-        return out, entropy
+        return out, entropy, guards.output_flags(logprobs, values, mask, out.loss)
 
     def _train_minibatch(self, input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask,
                          rollout_logprobs=None):
-        """Forward (eval mode, as TRL), loss, backward, optimizer step for one mini-batch."""
+        """Forward (eval mode, as TRL), loss, backward, optimizer step for one mini-batch:
+        (stats, ratio-guard skip tensor, whether the optimizer stepped)."""
         config = self.config
         # Dropout never applies (TRL runs this in eval mode); gradient checkpointing needs train
         # mode, so with it dropout was disabled at construction instead.
         self.model.train(config.gradient_checkpointing)
         tensors = (input_ids, attention_mask, old_logprobs, old_values, advantages, returns, mask, rollout_logprobs)
         micro = self._token_budget_chunks(attention_mask) if config.max_tokens_per_microbatch is not None else []
-        if len(micro) > 1:
-            out, entropy, skip = self._backward_microbatches(micro, tensors)
+        if len(micro) > 1:  # (refused under DeepSpeed)
+            out, entropy, skip, flags = self._backward_microbatches(micro, tensors)
+            stepped = self._guarded_optimizer_step(flags)
         else:
-            out, entropy = self._loss(*tensors)
+            out, entropy, flags = self._loss(*tensors)
             # TRL's loss-spike guard: zero the loss of a mini-batch whose mean ratio is too high
             # (as a tensor op, so no host sync per mini-batch).
             skip = out.ratio_mean > config.ratio_threshold
             keep = (~skip).float()
             out = out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
-            self.accelerator.backward(out.loss)
-        if config.max_grad_norm is not None and self.accelerator.sync_gradients:
-            self.accelerator.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], config.max_grad_norm
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+            stepped = False
+            if not self._deepspeed_skips(flags):
+                self.accelerator.backward(out.loss)
+                stepped = self._guarded_optimizer_step(flags)
         with torch.no_grad():
             stats = step_statistics.minibatch_stats(out, entropy, advantages, returns, old_values, mask,
                                                     config.vf_coef)
-        return stats, skip
+        return stats, skip, stepped
+
+    def _guarded_optimizer_step(self, flags: torch.Tensor) -> bool:
+        """Clip and step unless this optimizer step's gradients, loss or outputs are non-finite; True if it stepped.
+
+        `flags` (logits, values, loss) are OR-ed over the mini-batches one optimizer step accumulates; the
+        gradient norm joins them at the step. One host read per optimizer step (and on several processes
+        one tiny all-reduce, so every process decides alike). DeepSpeed steps inside backward: there the
+        check runs before it (`_deepspeed_skips`) and the gradient norm is DeepSpeed's own business.
+        """
+        config = self.config
+        if config.nonfinite_guard:
+            self._accumulated_flags = flags if self._accumulated_flags is None else self._accumulated_flags | flags
+        if not self.accelerator.sync_gradients:
+            self.optimizer.step()  # accelerate: a no-op until the accumulation's last mini-batch
+            self.optimizer.zero_grad()
+            return False
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = None
+        if config.max_grad_norm is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        source = None
+        if config.nonfinite_guard and not sharding.is_deepspeed(self.accelerator):
+            if grad_norm is None:
+                grad_norm = guards.total_grad_norm(trainable)
+            raised = torch.cat([self._accumulated_flags, ~torch.isfinite(grad_norm.to(flags.device)).reshape(1)])
+            if config.world_size > 1:
+                raised = self.accelerator.reduce(raised.int(), "max")
+            source = guards.first_source(raised.tolist())
+        self._accumulated_flags = None
+        if source is not None:
+            accumulated = range(self._minibatch_index - config.gradient_accumulation_steps + 1, self._minibatch_index + 1)
+            self._nonfinite.append((accumulated, source))
+            self.optimizer.zero_grad()
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return True
+
+    def _deepspeed_skips(self, flags: torch.Tensor) -> bool:
+        """Under DeepSpeed (whose engine steps inside backward): True, and the step recorded as skipped, when
+        any process's logits, values or loss are non-finite, so that no process runs this backward."""
+        if not (self.config.nonfinite_guard and sharding.is_deepspeed(self.accelerator)):
+            return False
+        raised = flags.int()
+        if self.config.world_size > 1:
+            raised = self.accelerator.reduce(raised, "max")
+        source = guards.first_source(raised.tolist())
+        if source is not None:
+            self._nonfinite.append((range(self._minibatch_index, self._minibatch_index + 1), source))
+        return source is not None
 
     def _backward_microbatches(self, micro: list, tensors: tuple):
-        """One mini-batch's gradient from token-budget micro-batches: (PPOLossOutput, entropy, skip).
+        """One mini-batch's gradient from token-budget micro-batches: (PPOLossOutput, entropy, skip, non-finite
+        flags of all micro-batches).
 
         Every term of the PPO loss is a masked mean over the mini-batch's response tokens, so the
         micro-batch with n_i of its N tokens contributes its own loss × n_i / N: the accumulated
@@ -556,18 +675,34 @@ class PPOTrainer(TRLMethods):
             ratio_mean = sum(w * self._loss(*part(rows))[0].ratio_mean for rows, w in zip(micro, weights))
         skip = ratio_mean > self.config.ratio_threshold
         keep = (~skip).float()
-        outs, entropies = [], []
+        outs, entropies, flags = [], [], None
         for index, (rows, weight) in enumerate(zip(micro, weights)):
             last = index == len(micro) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:  # one gradient all-reduce per mini-batch, after its last micro-batch
-                out, entropy = self._loss(*part(rows))
+                out, entropy, micro_flags = self._loss(*part(rows))
+                flags = micro_flags if flags is None else flags | micro_flags
                 self.accelerator.backward(out.loss * weight * keep)
             outs.append(out)
             entropies.append(entropy.detach())
         out = microbatch.combine_loss_outputs(outs, weights)
         out = out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
-        return out, torch.cat(entropies), skip
+        return out, torch.cat(entropies), skip, flags
+
+    def _nonfinite_origin(self, rollout: Rollout, rewards, advantages, mask) -> str:
+        """Where a step whose every optimizer step was non-finite went wrong (the failure path only: it syncs)."""
+        message = (f"step: all {len(self._nonfinite)} optimizer steps had non-finite values (first: "
+                   f"{guards.describe(*self._nonfinite[0])}); nothing was applied. ")
+        weight = guards.first_nonfinite(self.unwrapped_model.state_dict().items())  # the checkpoint's names
+        if weight is not None:
+            return message + f"The policy's weight {weight} already holds NaN/inf (load a good checkpoint)"
+        trained = mask.bool()
+        for name, tensor in (("policy log-probs (logits)", rollout.logprobs), ("values", rollout.values),
+                             ("reference log-probs", rollout.ref_logprobs), ("rewards", rewards),
+                             ("advantages", advantages)):
+            if not bool(torch.isfinite(tensor[trained]).all()):
+                return message + f"They started in the rollout's {name}, before any update"
+        return message + "They started in the training forward or backward (e.g. an overflow in low precision)"
 
     def _maybe_clear_cache(self) -> None:
         """TRL's `optimize_device_cache`: hand cached accelerator memory back after each pass."""
@@ -614,10 +749,12 @@ class PPOTrainer(TRLMethods):
         if self.is_peft_model:  # PEFT saves the adapter itself; under ZeRO-3 from fully gathered weights
             with sharding.gathered(self.accelerator, self.model):
                 if self.accelerator.is_main_process:
+                    checks.refuse_nonfinite(self.unwrapped_model.named_parameters())
                     self._save_pretrained(save_directory)
         else:
             state = sharding.full_state_dict(self.accelerator, self.model)
             if self.accelerator.is_main_process:
+                checks.refuse_nonfinite(state.items())
                 self._state_to_save = state
                 try:
                     self._save_pretrained(save_directory)
@@ -626,15 +763,19 @@ class PPOTrainer(TRLMethods):
         self.accelerator.wait_for_everyone()
 
     def save_state(self, output_dir: str) -> None:
-        """Save everything needed to resume: weights, optimizer, scheduler, RNGs (accelerate) and trainer counters."""
+        """Save everything needed to resume: weights, optimizer, scheduler, RNGs (accelerate) and trainer counters.
+
+        Atomic: all of it goes to a sibling directory, is listed (sizes, sha256) in `fastppo_manifest.json`
+        and flushed to disk, and only then replaces `output_dir`. A save killed at any moment leaves the
+        previous checkpoint or the new one, both complete, never a mix (`fastppo.checkpointing` lists the
+        states). Call it on every process. `output_dir` is the checkpoint's own: it is replaced whole, and
+        an existing directory that is neither empty nor a fastppo checkpoint is refused.
+        """
+        state = {"kl_coef": self.kl_ctl.value, "running": self.running.state_dict(),
+                 "current_step": self.current_step, "highest_reward": self.highest_reward,
+                 "compare_step": self._compare_step}
         with self._checkpoint_layout():
-            self.accelerator.save_state(output_dir)
-        if self.accelerator.is_main_process:
-            state = {"kl_coef": self.kl_ctl.value, "running": self.running.state_dict(),
-                     "current_step": self.current_step, "highest_reward": self.highest_reward,
-                     "compare_step": self._compare_step}
-            with open(os.path.join(output_dir, "fastppo_trainer_state.json"), "w") as handle:
-                json.dump(state, handle, indent=2)
+            checkpointing.save(self.accelerator, output_dir, state, step=self.current_step)
 
     def _checkpoint_layout(self):
         """FSDP2's sharded checkpoints address weights by module path, not by the value-head model's own keys."""
@@ -646,35 +787,27 @@ class PPOTrainer(TRLMethods):
         return stack
 
     def load_state(self, input_dir: str) -> None:
-        """Resume from a `save_state` directory."""
-        with self._checkpoint_layout():
-            self.accelerator.load_state(input_dir)
-        self.rollout_engine.weights_changed()
-        with open(os.path.join(input_dir, "fastppo_trainer_state.json")) as handle:
+        """Resume from a `save_state` directory.
+
+        Every file is checked against the checkpoint's manifest (present, size, sha256, nothing unlisted)
+        before anything is loaded: a damaged checkpoint raises `fastppo.checkpointing.CheckpointError` (a
+        ValueError naming the directory and the first bad file) and leaves the trainer as it was. A checkpoint
+        without a manifest (fastppo before atomic saves) is refused the same way; `checkpointing.seal` vouches
+        for one. If a save was cut between its renames, the complete checkpoint beside `input_dir` is loaded,
+        with a warning. Call it on every process. (A sound checkpoint of another model or optimizer can still
+        fail partway through accelerate's loading: the check is of the files, not of their fit.)
+        """
+        directory = checkpointing.verified_directory(self.accelerator, input_dir)
+        with open(os.path.join(directory, checkpointing.TRAINER_STATE)) as handle:
             state = json.load(handle)
-        self.kl_ctl.value = float(state["kl_coef"])
-        self.running.load_state_dict(state["running"])
-        self.current_step = int(state["current_step"])
-        self.highest_reward = float(state.get("highest_reward", -math.inf))
-        self._compare_step = int(state.get("compare_step", 0))
-
-
-def _check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler) -> None:
-    if not isinstance(config, PPOConfig):
-        raise TypeError(f"config must be a fastppo.PPOConfig, got {type(config).__name__}")
-    if not isinstance(model, AutoModelForCausalLMWithValueHead):
-        raise TypeError(f"model must be a fastppo.AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
-    if ref_model is not None and not isinstance(ref_model, AutoModelForCausalLMWithValueHead):
-        raise TypeError(f"ref_model must be an AutoModelForCausalLMWithValueHead or None, got {type(ref_model).__name__}")
-    if ref_model is model:
-        raise ValueError("ref_model must not be the policy model itself; pass None for a frozen copy")
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
-    padding.padding_side(tokenizer)
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    if lr_scheduler is not None and not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
-        raise TypeError(f"lr_scheduler must be a torch LRScheduler or None, got {type(lr_scheduler).__name__}")
-    if num_shared_layers is not None and (isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int)
-                                          or num_shared_layers < 1):
-        raise ValueError(f"num_shared_layers must be a positive int or None, got {num_shared_layers!r}")
+        # read before any loading, so that a missing entry cannot leave a half-loaded trainer
+        kl_coef, running, current_step = float(state["kl_coef"]), dict(state["running"]), int(state["current_step"])
+        highest_reward = float(state.get("highest_reward", -math.inf))
+        compare_step = int(state.get("compare_step", 0))
+        with self._checkpoint_layout():
+            self.accelerator.load_state(directory)
+        self.rollout_engine.weights_changed()
+        self.kl_ctl.value = kl_coef
+        self.running.load_state_dict(running)
+        self.current_step = current_step
+        self.highest_reward, self._compare_step = highest_reward, compare_step

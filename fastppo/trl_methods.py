@@ -223,6 +223,28 @@ class TRLMethods:
         self.unwrapped_model.save_pretrained(save_directory, state_dict=getattr(self, "_state_to_save", None))
         self.tokenizer.save_pretrained(save_directory)
 
+    def push_to_hub(self, repo_id: str, commit_message: str = "Push model using huggingface_hub.",
+                    private: Optional[bool] = None, token: Optional[str] = None, branch: Optional[str] = None,
+                    create_pr: Optional[bool] = None, allow_patterns=None, ignore_patterns=None,
+                    delete_patterns=None) -> Optional[str]:
+        """Upload the policy (value head included), the tokenizer and a model card to `repo_id` in one commit,
+        creating the repository if needed, as TRL's trainer does; returns the commit URL (None off the main
+        process, which alone pushes)."""
+        if not self.accelerator.is_main_process:
+            return None
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self._save_pretrained(folder)
+            self.create_model_card(folder, model_name=repo_id)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=branch, create_pr=create_pr, allow_patterns=allow_patterns,
+                                     ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
+
     def create_model_card(self, path: str, model_name: Optional[str] = "fastppo model") -> None:
         """Write a short model card (README.md) into `path`, saying how the model was trained."""
         os.makedirs(path, exist_ok=True)

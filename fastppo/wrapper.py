@@ -106,6 +106,7 @@ class PreTrainedModelWrapper(nn.Module):
         reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
         is_trainable = kwargs.pop("is_trainable", False)
         wrapper_kwargs, pretrained_kwargs, kbit_kwargs = cls._split_kwargs(kwargs)
+        cls._check_wrapper_kwargs(wrapper_kwargs, pretrained_kwargs)
         _check_peft_arguments(peft_config, reward_adapter)
         hub_kwargs = {k: pretrained_kwargs[k] for k in _HUB_KWARGS if k in pretrained_kwargs}
 
@@ -114,6 +115,9 @@ class PreTrainedModelWrapper(nn.Module):
             quantized = bool(getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False))
         elif isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             source = os.fspath(pretrained_model_name_or_path)
+            if os.path.isfile(source):  # transformers would read it as a malformed hub id
+                raise ValueError(f"pretrained_model_name_or_path must be a checkpoint directory or a hub id, got the "
+                                 f"file {source!r}: pass the directory that holds it")
             quantized = _route_quantization(pretrained_kwargs)
             base, peft_config = cls._load_base(source, model_args, pretrained_kwargs, hub_kwargs, peft_config,
                                                is_trainable)
@@ -148,25 +152,45 @@ class PreTrainedModelWrapper(nn.Module):
         else:
             state = checkpoint_files.load_module_state(source, hub_kwargs, cls.supported_modules)
         if state:
-            model.post_init(state_dict=state)
+            try:
+                model.post_init(state_dict=state)
+            except RuntimeError as error:  # torch's size mismatch names neither the checkpoint nor the file
+                where = "the model passed in" if source is None else source
+                raise ValueError(f"the {'/'.join(cls.supported_modules)} weights saved with {where} do not fit this "
+                                 f"model: {error}") from error
         return model
 
     @classmethod
     def _load_base(cls, source, model_args, pretrained_kwargs, hub_kwargs, peft_config, is_trainable):
         """`(model, peft_config)`: the model at `source`, or for a saved PEFT adapter its base with the adapter."""
         if checkpoint_files.resolve_file(source, "adapter_config.json", hub_kwargs) is None:
-            return cls.transformers_parent_class.from_pretrained(source, *model_args, **pretrained_kwargs), peft_config
+            with _naming_unreadable_file(source, hub_kwargs):
+                base = cls.transformers_parent_class.from_pretrained(source, *model_args, **pretrained_kwargs)
+            return base, peft_config
         from peft import PeftConfig, PeftModel
 
         if peft_config is not None:
             logger.warning("peft_config ignored: %s holds a trained PEFT adapter, which is loaded instead", source)
-        base_path = PeftConfig.from_pretrained(source, **hub_kwargs).base_model_name_or_path
+        with _naming_unreadable_file(source, hub_kwargs):
+            base_path = PeftConfig.from_pretrained(source, **hub_kwargs).base_model_name_or_path
         try:
-            base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **pretrained_kwargs)
+            with _naming_unreadable_file(base_path, hub_kwargs):
+                base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **pretrained_kwargs)
+        except checkpoint_files.UnreadableFileError:
+            raise
         except OSError as error:  # e.g. a checkpoint moved from the machine whose absolute path it names
             raise OSError(f"{source}: adapter_config.json names the base model {base_path!r}, which could not be "
                           f"loaded ({error}); load that model yourself and pass it in, or fix the path") from error
-        return PeftModel.from_pretrained(base, source, is_trainable=is_trainable, **hub_kwargs), None
+        with _naming_unreadable_file(source, hub_kwargs):
+            return PeftModel.from_pretrained(base, source, is_trainable=is_trainable, **hub_kwargs), None
+
+    @classmethod
+    def _check_wrapper_kwargs(cls, wrapper_kwargs: dict, pretrained_kwargs: dict) -> None:
+        """Refuse, before anything is loaded, a keyword that looks like the wrapper's (`<module>_...`) but is not in
+        `supported_args` (transformers would take it silently as a config attribute); subclasses check values."""
+        for name in pretrained_kwargs:
+            if any(name.startswith(f"{module}_") for module in cls.supported_modules):
+                raise TypeError(f"unexpected value-head argument {name!r}; supported: {cls.supported_args}")
 
     @classmethod
     def _split_kwargs(cls, kwargs):
@@ -286,6 +310,21 @@ class PreTrainedModelWrapper(nn.Module):
         finally:
             for name in names:
                 del self.pretrained_model._modules[name]
+
+
+@contextlib.contextmanager
+def _naming_unreadable_file(source, hub_kwargs: dict):
+    """Re-raise a failed load as UnreadableFileError naming the checkpoint file that cannot be read (safetensors and
+    torch errors name none), when `source` is a local directory holding one; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, checkpoint_files.UnreadableFileError) or not isinstance(source, (str, os.PathLike)):
+            raise
+        unreadable = checkpoint_files.find_unreadable_file(os.fspath(source), hub_kwargs)
+        if unreadable is None or unreadable.path in str(error):  # nothing to add
+            raise
+        raise unreadable from error
 
 
 def _check_peft_arguments(peft_config, reward_adapter) -> None:

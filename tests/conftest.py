@@ -182,3 +182,35 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def trainer_state(trainer) -> dict:
+    """Everything a failed call must leave as it was: weights, gradients, optimizer state, KL coefficient,
+    running score moments, counters, train/eval mode and the gradient-accumulation phase."""
+    import copy
+
+    return {
+        "weights": {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()},
+        "grads": [p.grad is None or not bool(p.grad.any()) for p in trainer.model.parameters()],
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "kl_coef": trainer.kl_ctl.value,
+        "running": trainer.running.state_dict(),
+        "current_step": trainer.current_step,
+        "training": trainer.model.training,
+        "accumulation_phase": trainer.accelerator.step,
+    }
+
+
+def assert_trainer_unchanged(before: dict, after: dict) -> None:
+    """`trainer_state`s equal (NaN equal to NaN: a poisoned weight stays what it was)."""
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    for key, value in before["weights"].items():
+        torch.testing.assert_close(after["weights"][key], value, msg=lambda m: f"{key}: {m}", **exact)
+    assert after["grads"] == before["grads"]
+    assert before["optimizer"]["state"].keys() == after["optimizer"]["state"].keys()
+    for param_id, state in before["optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(torch.as_tensor(after["optimizer"]["state"][param_id][name]),
+                                       torch.as_tensor(value), **exact)
+    for key in ("kl_coef", "running", "current_step", "training", "accumulation_phase"):
+        assert after[key] == before[key], key

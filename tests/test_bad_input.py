@@ -1,11 +1,9 @@
 """Bad input raises a clear error naming the argument, and changes no weights, optimizer state or counters."""
 
-import copy
-
 import pytest
 import torch
 
-from conftest import make_batch
+from conftest import assert_trainer_unchanged, make_batch, trainer_state
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 
@@ -16,27 +14,6 @@ def trainer(gpt2_dir, tokenizer):
     trainer = PPOTrainer(config, model, None, tokenizer)
     trainer.step(*make_batch(tokenizer, 4, seed=9))  # so the optimizer has state to protect
     return trainer
-
-
-def _state(trainer):
-    return {
-        "weights": {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()},
-        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
-        "kl_coef": trainer.kl_ctl.value,
-        "running": trainer.running.state_dict(),
-        "current_step": trainer.current_step,
-    }
-
-
-def _assert_unchanged(before, after):
-    for key, value in before["weights"].items():
-        assert torch.equal(value, after["weights"][key]), key
-    for param_id, state in before["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["optimizer"]["state"][param_id][name]))
-    assert before["kl_coef"] == after["kl_coef"]
-    assert before["running"] == after["running"]
-    assert before["current_step"] == after["current_step"]
 
 
 def _good(tokenizer):
@@ -92,10 +69,10 @@ BAD_STEP_INPUTS = {
 def test_bad_step_input_raises_and_changes_nothing(trainer, tokenizer, case):
     make, error, message = BAD_STEP_INPUTS[case]
     queries, responses, scores, masks = make(*_good(tokenizer))
-    before = _state(trainer)
+    before = trainer_state(trainer)
     with pytest.raises(error, match=message):
         trainer.step(queries, responses, scores, response_masks=masks)
-    _assert_unchanged(before, _state(trainer))
+    assert_trainer_unchanged(before, trainer_state(trainer))
     trainer.step(*_good(tokenizer))  # and the trainer still works
 
 
@@ -123,19 +100,19 @@ BAD_ROLLOUT_LOGPROBS = {
 def test_bad_rollout_logprobs_raise_and_change_nothing(trainer, tokenizer, case):
     make, error, message = BAD_ROLLOUT_LOGPROBS[case]
     queries, responses, scores = _good(tokenizer)
-    before = _state(trainer)
+    before = trainer_state(trainer)
     with pytest.raises(error, match=message):
         trainer.step(queries, responses, scores, rollout_logprobs=make(responses))
-    _assert_unchanged(before, _state(trainer))
+    assert_trainer_unchanged(before, trainer_state(trainer))
 
 
 def test_bad_generate_kwargs_change_nothing(trainer):
-    before = _state(trainer), torch.get_rng_state()
+    before = trainer_state(trainer), torch.get_rng_state()
     with pytest.raises(ValueError, match="output_scores"):
         trainer.generate([torch.tensor([5])], max_new_tokens=2, output_scores=True)
     with pytest.raises(TypeError, match="return_logprobs"):
         trainer.generate([torch.tensor([5])], max_new_tokens=2, return_logprobs="yes")
-    _assert_unchanged(before[0], _state(trainer))
+    assert_trainer_unchanged(before[0], trainer_state(trainer))
     assert torch.equal(before[1], torch.get_rng_state())
 
 
@@ -161,7 +138,7 @@ def test_tokenizer_without_pad_token_is_refused_where_padding_is_needed(trainer,
     queries, responses, scores = _good(tokenizer)
     pad = tokenizer.pad_token
     tokenizer.pad_token = None
-    before = _state(trainer)
+    before = trainer_state(trainer)
     try:
         PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2), trainer.unwrapped_model, None, tokenizer)  # accepted
         for call, where in ((lambda: trainer.step(queries, responses, scores), "which step needs"),
@@ -169,7 +146,7 @@ def test_tokenizer_without_pad_token_is_refused_where_padding_is_needed(trainer,
                             (lambda: trainer.prepare_model_inputs(queries, responses), "which prepare_model_inputs")):
             with pytest.raises(ValueError, match=f"tokenizer has no pad token, {where}"):
                 call()
-        _assert_unchanged(before, _state(trainer))
+        assert_trainer_unchanged(before, trainer_state(trainer))
         assert trainer.generate(queries[0], max_new_tokens=2, do_sample=False).shape[0] == 1  # one query: no padding
     finally:
         tokenizer.pad_token = pad

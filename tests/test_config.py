@@ -66,5 +66,5 @@ def test_forward_batch_size_overrides_mini_batch_size():
 
 
 def test_to_dict_flattens_nested_dicts():
-    flat = PPOConfig(tracker_kwargs={"wandb": 1}).to_dict()
-    assert flat["tracker_kwargs/wandb"] == 1 and flat["batch_size"] == 128
+    flat = PPOConfig(tracker_kwargs={"wandb": {"entity": "me"}}).to_dict()
+    assert flat["tracker_kwargs/wandb"] == {"entity": "me"} and flat["batch_size"] == 128

@@ -26,6 +26,10 @@ def test_two_process_step_keeps_ranks_in_sync(gpt2_dir, tokenizer_dir, tmp_path)
     # DDP averages gradients, so both ranks hold the same weights after every optimizer step
     assert ranks[0]["weights_sum"] == pytest.approx(ranks[1]["weights_sum"], rel=1e-6)
     assert ranks[0]["weights_abs_sum"] == pytest.approx(ranks[1]["weights_abs_sum"], rel=1e-6)
+    # rank 1's NaN mini-batch was skipped by both ranks (the decision is all-reduced): weights stay finite, in sync
+    assert [r["stats"][1]["fastppo/skipped_nonfinite"] for r in ranks] == [1.0, 1.0]
+    assert [r["stats"][0]["fastppo/skipped_nonfinite"] for r in ranks] == [0.0, 0.0]
+    assert all(r["finite"] for r in ranks)
     # KL controller and score moments see the global batch, so they agree too
     assert ranks[0]["kl_coef"] == pytest.approx(ranks[1]["kl_coef"], rel=1e-9)
     assert ranks[0]["running_mean"] == pytest.approx(ranks[1]["running_mean"], rel=1e-6)

@@ -1,0 +1,76 @@
+"""What PPOTrainer checks before it builds or saves anything: its arguments, how the models, tokenizer and
+optimizer pair up, the precision the weights train in, and that no weight written is NaN/inf."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from . import guards, padding, sharding
+from .config import PPOConfig
+from .model import AutoModelForCausalLMWithValueHead
+
+
+def refuse_nonfinite(named_tensors) -> None:
+    name = guards.first_nonfinite(named_tensors)
+    if name is not None:
+        raise ValueError(f"save_pretrained: the weight {name} holds NaN/inf; refusing to write a poisoned checkpoint")
+
+
+def max_positions(model) -> Optional[int]:
+    """The longest sequence the model's config admits (n_positions / max_position_embeddings), if it says."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def vocabulary(model) -> int:
+    return sharding.vocab_size(model.lm_head.weight)
+
+
+def check_model_pairing(model, ref_model, optimizer) -> None:
+    """The reference and the optimizer belong with the policy. (A tokenizer may list more tokens than the
+    model has rows, as GPT-2's slow tokenizer does: `step` and `generate` check each token id instead.)"""
+    vocab = vocabulary(model)
+    if ref_model is not None and vocabulary(ref_model) != vocab:
+        raise ValueError(f"ref_model has a vocabulary of {vocabulary(ref_model)} tokens but the policy has {vocab}: "
+                         "the KL penalty compares their log-probs token by token, so they must share a tokenizer")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if trainable and not trainable & held:
+        raise ValueError("optimizer holds none of the policy's trainable parameters (was it built for another model, "
+                         "or before from_pretrained/get_peft_model replaced them?)")
+
+
+def warn_low_precision_training(model, accelerator) -> None:
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16,
+                                                                                                torch.float16)})
+    if dtypes and accelerator.mixed_precision == "no":
+        warnings.warn(f"trainable parameters are {', '.join(dtypes)} and no mixed precision is configured: the "
+                      "optimizer updates them in that precision, where most small updates round away (e.g. LayerNorm "
+                      "weights never move at lr 1e-5). Load the weights in float32 and set mixed precision "
+                      "(Accelerator / `accelerate launch --mixed_precision bf16`, or PPOConfig(accelerator_kwargs="
+                      "{'mixed_precision': 'bf16'})); see the README's bf16 section")
+
+
+def check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler) -> None:
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a fastppo.PPOConfig, got {type(config).__name__}")
+    if not isinstance(model, AutoModelForCausalLMWithValueHead):
+        raise TypeError(f"model must be a fastppo.AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
+    if ref_model is not None and not isinstance(ref_model, AutoModelForCausalLMWithValueHead):
+        raise TypeError(f"ref_model must be an AutoModelForCausalLMWithValueHead or None, got {type(ref_model).__name__}")
+    if ref_model is model:
+        raise ValueError("ref_model must not be the policy model itself; pass None for a frozen copy")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    padding.padding_side(tokenizer)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if lr_scheduler is not None and not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(f"lr_scheduler must be a torch LRScheduler or None, got {type(lr_scheduler).__name__}")
+    if num_shared_layers is not None and (isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int)
+                                          or num_shared_layers < 1):
+        raise ValueError(f"num_shared_layers must be a positive int or None, got {num_shared_layers!r}")
