@@ -4,8 +4,9 @@ syncs per step (torch.cuda.set_sync_debug_mode counts each device→host wait as
     python bench/profile_guards.py [--length 2048] [--rounds 5] [--backend triton]   # GPU: bench_step's Llama
     python bench/profile_guards.py --length 128                                     # CPU: the tiny Llama
 
-Prints one table: median step time of each setting (alternating on/off rounds, so drift hits both),
-syncs per step, and optimizer steps per step.
+Prints one table: median step time of each setting (Adam fused, the trainer's default, whose steps are
+skipped on the device; or foreach, skipped from the host; guard on and off; rounds alternate between all
+four, so drift hits each), host syncs per step, and optimizer steps per step.
 """
 
 import argparse
@@ -21,20 +22,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import SETTINGS, _tokenizer, llama_policy  # noqa: E402
 
 
-def _trainer(settings, guard: bool, backend: str, max_length: int, device):
+def _trainer(settings, guard: bool, backend: str, max_length: int, device, optimizer: str):
     from fastppo import PPOConfig, PPOTrainer
 
     config = PPOConfig(batch_size=settings["batch_size"], mini_batch_size=settings["mini_batch_size"], ppo_epochs=1,
                        seed=0, backend=backend, nonfinite_guard=guard)
+    model = llama_policy(settings, max_length, device)
+    adam = None  # the trainer's default: fused Adam
+    if optimizer == "foreach":  # torch's default Adam on CUDA: no device-side skip, so the guard reads on the host
+        adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                foreach=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no dataset; bf16 without mixed precision (the benchmark's setting)
-        return PPOTrainer(config, llama_policy(settings, max_length, device), None, _tokenizer())
+        return PPOTrainer(config, model, None, _tokenizer(), optimizer=adam)
 
 
 def _batch(settings, length: int, device):
     generator = torch.Generator().manual_seed(0)
     rows, vocab = settings["batch_size"], settings["vocab"]
-    queries = [torch.randint(3, vocab, (settings["query_length"],), generator=generator).to(device) for _ in range(rows)]
+    queries = [torch.randint(3, vocab, (settings["query_length"],), generator=generator).to(device)
+               for _ in range(rows)]
     responses = [torch.randint(3, vocab, (length,), generator=generator).to(device) for _ in range(rows)]
     return queries, responses, [torch.tensor(1.0)] * rows
 
@@ -62,14 +69,16 @@ def main():
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", default="triton")
+    parser.add_argument("--optimizers", default="fused,foreach", help="Adam variants to compare, comma-separated")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     settings = SETTINGS["gpu" if cuda else "cpu"]
     batch = _batch(settings, args.length, device)
     max_length = settings["query_length"] + args.length
-    trainers = {guard: _trainer(settings, guard, args.backend if cuda else "torch", max_length, device)
-                for guard in (True, False)}
+    trainers = {(optimizer, guard): _trainer(settings, guard, args.backend if cuda else "torch", max_length, device,
+                                             optimizer)
+                for optimizer in args.optimizers.split(",") for guard in (True, False)}
     results = {guard: [] for guard in trainers}
     for guard, trainer in trainers.items():
         _timed_step(trainer, batch, cuda)  # warm-up
@@ -79,10 +88,10 @@ def main():
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
           f"B{settings['batch_size']} Q{settings['query_length']} R{args.length}, mini-batch "
           f"{settings['mini_batch_size']}, 1 epoch, backend {args.backend if cuda else 'torch'}")
-    print("| nonfinite_guard | median step ms | host syncs / step | optimizer steps / step |")
-    print("|---|---|---|---|")
-    for guard, rows in results.items():
-        print(f"| {guard} | {statistics.median(r[0] for r in rows) * 1e3:.1f} | "
+    print("| Adam | nonfinite_guard | median step ms | host syncs / step | optimizer steps / step |")
+    print("|---|---|---|---|---|")
+    for (optimizer, guard), rows in results.items():
+        print(f"| {optimizer} | {guard} | {statistics.median(r[0] for r in rows) * 1e3:.1f} | "
               f"{statistics.median(r[1] for r in rows):.0f} | {rows[0][2]:.0f} |")
 
 

@@ -152,7 +152,7 @@ class PPOConfig:
     rollout_is_cap: float = 2.0
     """Cap of rollout_correction="tis"'s weight min(exp(old_logprob - rollout_logprob), rollout_is_cap)."""
     nonfinite_guard: bool = True
-    """Skip an optimizer step whose gradients, loss, log-probs or values hold NaN/inf (counted in fastppo/skipped_nonfinite); costs one host sync per optimizer step."""
+    """Skip an optimizer step whose gradients, loss, log-probs or values hold NaN/inf (counted in fastppo/skipped_nonfinite); on the device with a fused optimizer (the default), else one host sync per optimizer step."""
 
     def __post_init__(self) -> None:
         for f in fields(self):  # every field against its annotation and range, before any is used

@@ -57,7 +57,8 @@ class PPOTrainer(TRLMethods):
             "left") is the side `step` pads its batch on, as TRL does.
         dataset: optional torch Dataset; `trainer.dataloader` then yields `batch_size` items
             (without one, a warning, as TRL gives).
-        optimizer: default `torch.optim.Adam(trainable params, lr=config.learning_rate)`.
+        optimizer: default `torch.optim.Adam(trainable params, lr=config.learning_rate)`, TRL's, with torch's
+            fused kernel where it exists for the parameters (then a non-finite step is skipped on the device).
         data_collator: collate function of the dataloader.
         num_shared_layers: with `ref_model=None`, freeze the policy's embeddings and first
             `num_shared_layers` blocks and share them with the reference instead of copying
@@ -125,7 +126,9 @@ class PPOTrainer(TRLMethods):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             disable_dropout(model)  # the training forward then runs in train mode (see _train_minibatch)
         if optimizer is None:
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+            optimizer = guards.default_adam([p for p in model.parameters() if p.requires_grad], config.learning_rate,
+                                            fused=not sharding.is_deepspeed(self.accelerator)
+                                            and not sharding.shards_parameters(self.accelerator))
         checks.check_model_pairing(model, ref_model, optimizer)
         checks.warn_low_precision_training(model, self.accelerator)
         self.dataset = dataset
@@ -528,6 +531,7 @@ class PPOTrainer(TRLMethods):
         per_minibatch, skipped = [], []
         optimizer_steps, early_stopped = 0, False
         self._nonfinite = []  # (mini-batch indices, first non-finite source) of each skipped optimizer step
+        self._deferred_flags = []  # (mini-batch indices, flags) of optimizer steps skipped (or not) on the device
         self._accumulated_flags = None
         for _ in range(config.ppo_epochs):
             order = np.random.permutation(config.batch_size)
@@ -546,7 +550,16 @@ class PPOTrainer(TRLMethods):
             if config.early_stopping and self._should_stop_early(per_minibatch[-1]["policy/policykl"]):
                 early_stopped = True
                 break
-        n_skipped = int(torch.stack(skipped).sum())
+        # one host read for the ratio guard's count and the device-skipped steps' flags
+        rows = [torch.stack(skipped).reshape(-1, 1).expand(-1, len(guards.SOURCES))]
+        rows += [raised.reshape(1, -1) for _, raised in self._deferred_flags]
+        read = torch.cat([row.to(self.current_device) for row in rows]).tolist()
+        n_skipped = sum(row[0] for row in read[:len(skipped)])
+        for (accumulated, _), raised in zip(self._deferred_flags, read[len(skipped):]):
+            source = guards.first_source(raised)
+            if source is not None:
+                self._nonfinite.append((accumulated, source))
+                optimizer_steps -= 1
         if n_skipped:
             warnings.warn(f"{n_skipped} mini-batch(es) had a mean ratio above ratio_threshold="
                           f"{config.ratio_threshold}; their loss was zeroed")
@@ -628,16 +641,24 @@ class PPOTrainer(TRLMethods):
         if config.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
         source = None
+        accumulated = range(self._minibatch_index - config.gradient_accumulation_steps + 1, self._minibatch_index + 1)
         if config.nonfinite_guard and not sharding.is_deepspeed(self.accelerator):
             if grad_norm is None:
                 grad_norm = guards.total_grad_norm(trainable)
             raised = torch.cat([self._accumulated_flags, ~torch.isfinite(grad_norm.to(flags.device)).reshape(1)])
             if config.world_size > 1:
-                raised = self.accelerator.reduce(raised.int(), "max")
-            source = guards.first_source(raised.tolist())
+                raised = self.accelerator.reduce(raised.int(), "max").bool()  # a device collective: every process alike
+            skipping_optimizer = guards.device_skipping_optimizer(self.optimizer, self.accelerator)
+            if skipping_optimizer is not None:  # skipped on the device; read with the step's statistics
+                self._deferred_flags.append((accumulated, raised))
+                with guards.skip_if(skipping_optimizer, raised.any()):
+                    self.optimizer.step()
+                self._accumulated_flags = None
+                self.optimizer.zero_grad()
+                return True  # provisional: _optimize takes the skipped ones back
+            source = guards.first_source(raised.tolist())  # another optimizer: decided on the host
         self._accumulated_flags = None
         if source is not None:
-            accumulated = range(self._minibatch_index - config.gradient_accumulation_steps + 1, self._minibatch_index + 1)
             self._nonfinite.append((accumulated, source))
             self.optimizer.zero_grad()
             return False

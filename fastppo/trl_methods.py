@@ -121,7 +121,8 @@ class TRLMethods:
         if self.config.kl_penalty == "full" and kl is None:
             if logprobs.dim() != 3:
                 raise ValueError("logprobs: kl_penalty='full' needs the whole log-distributions [B, T, V] "
-                                 f"(core.logprobs_from_logits(logits, None, gather=False)), got {tuple(logprobs.shape)}")
+                                 "(core.logprobs_from_logits(logits, None, gather=False)), got "
+                                 f"{tuple(logprobs.shape)}")
             kl = ops.full_kl(logprobs, ref_logprobs, backend=self.config.backend)
         if kl is not None:
             logprobs = ref_logprobs = kl  # only their shape is read for the exact KL

@@ -62,7 +62,9 @@ def _nan_values(output):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("source", ["logits", "values"])
 def test_one_nonfinite_minibatch_is_skipped(trained, tokenizer, source, backend):
-    """NaN in one mini-batch's training outputs: that optimizer step is skipped, the rest train, nothing is NaN."""
+    """NaN in one mini-batch's training outputs: that optimizer step is skipped (on the device: the default
+    optimizer is fused Adam), the rest train, nothing is NaN."""
+    assert trained.optimizer.optimizer.defaults["fused"]
     if backend == "triton":
         pytest.importorskip("triton")
     trained.config.backend = backend
@@ -80,6 +82,24 @@ def test_one_nonfinite_minibatch_is_skipped(trained, tokenizer, source, backend)
     assert _finite(trained)
     assert all(math.isfinite(v) for v in stats.values() if isinstance(v, float))  # the skipped one is left out
     assert [float(s["step"]) for s in trained.optimizer.state_dict()["state"].values()] == [s + 3 for s in adam_steps]
+
+
+def test_an_optimizer_without_a_device_skip_is_guarded_on_the_host(gpt2_dir, tokenizer):
+    """A non-fused optimizer (no `found_inf`): the guard decides on the host, with the same outcome."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, foreach=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PPOTrainer has no dataset")
+        trainer = PPOTrainer(PPOConfig(**BATCH), model, None, tokenizer, optimizer=optimizer)
+    assert not getattr(trainer.optimizer.optimizer, "_step_supports_amp_scaling", False)
+    handle = _poison_on_training_call(model.v_head, {2}, _nan_values)
+    try:
+        with pytest.warns(UserWarning, match="the values of mini-batch 2"):
+            stats = trainer.step(*make_batch(tokenizer, 4, seed=2))
+    finally:
+        handle.remove()
+    assert stats["fastppo/skipped_nonfinite"] == 1 and stats["fastppo/optimizer_steps"] == 3 and _finite(trainer)
+    assert {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {3.0}
 
 
 def test_nonfinite_gradient_is_skipped(trained, tokenizer):
