@@ -625,9 +625,10 @@ class PPOTrainer(TRLMethods):
         """Clip and step unless this optimizer step's gradients, loss or outputs are non-finite; True if it stepped.
 
         `flags` (logits, values, loss) are OR-ed over the mini-batches one optimizer step accumulates; the
-        gradient norm joins them at the step. One host read per optimizer step (and on several processes
-        one tiny all-reduce, so every process decides alike). DeepSpeed steps inside backward: there the
-        check runs before it (`_deepspeed_skips`) and the gradient norm is DeepSpeed's own business.
+        gradient norm joins them at the step (on several processes one tiny all-reduce, so every process
+        decides alike). A fused optimizer skips on the device, without a host read; another one needs one
+        read per optimizer step. DeepSpeed steps inside backward: there the check runs before it
+        (`_deepspeed_skips`) and the gradient norm is DeepSpeed's own business.
         """
         config = self.config
         if config.nonfinite_guard:
@@ -640,8 +641,8 @@ class PPOTrainer(TRLMethods):
         grad_norm = None
         if config.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        source = None
         accumulated = range(self._minibatch_index - config.gradient_accumulation_steps + 1, self._minibatch_index + 1)
+        source, skip_on_device = None, contextlib.nullcontext()
         if config.nonfinite_guard and not sharding.is_deepspeed(self.accelerator):
             if grad_norm is None:
                 grad_norm = guards.total_grad_norm(trainable)
@@ -649,22 +650,19 @@ class PPOTrainer(TRLMethods):
             if config.world_size > 1:
                 raised = self.accelerator.reduce(raised.int(), "max").bool()  # a device collective: every process alike
             skipping_optimizer = guards.device_skipping_optimizer(self.optimizer, self.accelerator)
-            if skipping_optimizer is not None:  # skipped on the device; read with the step's statistics
+            if skipping_optimizer is not None:  # skipped on the device; _optimize reads the flags at the step's end
                 self._deferred_flags.append((accumulated, raised))
-                with guards.skip_if(skipping_optimizer, raised.any()):
-                    self.optimizer.step()
-                self._accumulated_flags = None
-                self.optimizer.zero_grad()
-                return True  # provisional: _optimize takes the skipped ones back
-            source = guards.first_source(raised.tolist())  # another optimizer: decided on the host
+                skip_on_device = guards.skip_if(skipping_optimizer, raised.any())
+            else:
+                source = guards.first_source(raised.tolist())  # another optimizer: decided on the host
         self._accumulated_flags = None
         if source is not None:
             self._nonfinite.append((accumulated, source))
-            self.optimizer.zero_grad()
-            return False
-        self.optimizer.step()
+        else:
+            with skip_on_device:
+                self.optimizer.step()
         self.optimizer.zero_grad()
-        return True
+        return source is None  # a step skipped on the device counts until _optimize takes it back
 
     def _deepspeed_skips(self, flags: torch.Tensor) -> bool:
         """Under DeepSpeed (whose engine steps inside backward): True, and the step recorded as skipped, when
