@@ -67,8 +67,8 @@ stages=${STAGES:-tests-gpu tests-kernels sweep bench-logprobs bench-tokens bench
 for name in $stages; do
     case $name in
         tests-gpu) stage "$name" 75 "${pytest[@]}" -m gpu tests ;;
-        tests-kernels) stage "$name" 110 "${pytest[@]}" -n 8 -m "not gpu" tests/test_kernel_*.py \
-            tests/test_linear_logprobs.py tests/test_head_paths.py tests/test_backends.py tests/test_gpu_launch_configs.py ;;
+        tests-kernels) stage "$name" 110 "${pytest[@]}" -n 8 -m "not gpu" tests/kernels \
+            tests/ops/test_head_paths.py tests/ops/test_backends.py ;;
         sweep) stage "$name" 120 "$python" bench/sweep.py --out "$work/sweep.json" ;;
         bench-logprobs) stage "$name" 80 "${bench[@]}" "bench_logprobs and $not_compile" \
             --benchmark-json "$work/results-logprobs.json" ;;

@@ -47,8 +47,8 @@ case $slice in
         # GPU-marked tests first (real shapes), then the kernel and head-path suites on CUDA tensors
         "$python" -m pytest -q -p no:cacheprovider -m gpu tests "$@" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
-        "$python" -m pytest -q -p no:cacheprovider -x tests/test_kernel_*.py tests/test_linear_logprobs.py \
-            tests/test_head_paths.py tests/test_backends.py "$@" 2>&1 | tee -a "$log"
+        "$python" -m pytest -q -p no:cacheprovider -x tests/kernels \
+            tests/ops/test_head_paths.py tests/ops/test_backends.py "$@" 2>&1 | tee -a "$log"
         status=$((status | PIPESTATUS[0]))
         ;;
     logprobs | tokens | linear | step | longest)

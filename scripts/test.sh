@@ -9,7 +9,7 @@ venv=${FASTPPO_VENV:-.venv}
 # torch first, pinned: on the project's CPU machines this is a local CPU build; an unpinned torch
 # pulled in by a dependency would download several GB of CUDA wheels instead.
 python -m pip install -q --disable-pip-version-check torch==2.13.0
-# DeepSpeed builds against the installed torch, so without build isolation (tests/test_sharded.py)
+# DeepSpeed builds against the installed torch, so without build isolation (tests/distributed/test_sharded.py)
 python -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed==0.19.8
 python -m pip install -q --disable-pip-version-check -e ".[test]"
 python -m pytest "$@"

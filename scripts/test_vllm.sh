@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . scripts/vllm_env.sh
-FASTPPO_REQUIRE_VLLM=1 python -m pytest tests/test_vllm_rollouts.py "$@"
+FASTPPO_REQUIRE_VLLM=1 python -m pytest tests/rollout/test_vllm_rollouts.py "$@"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import checkpoint_with_tokenizer
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def test_long_sequence_example_runs_every_mode():

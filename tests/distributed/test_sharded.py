@@ -20,7 +20,7 @@ import pytest
 import torch
 
 HERE = os.path.dirname(__file__)
-CONFIGS = os.path.join(HERE, "..", "examples", "accelerate")
+CONFIGS = os.path.join(HERE, "..", "..", "examples", "accelerate")
 SCRIPT = os.path.join(HERE, "sharded_scenarios.py")
 pytestmark = pytest.mark.slow
 

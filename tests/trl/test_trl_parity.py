@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from tolerances import TRAINER, WEIGHTS
 
-DATA = Path(__file__).parent / "data" / "trl_parity"
+DATA = Path(__file__).parents[1] / "data" / "trl_parity"
 
 # Case → the recorded case whose final weights fastppo must reproduce. `grad_accum` differs
 # from TRL by design: TRL clips only the first optimizer step of a trainer's life (its

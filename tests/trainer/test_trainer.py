@@ -333,7 +333,7 @@ def test_num_shared_layers_is_ignored_with_a_given_reference(gpt2_dir, tokenizer
 @pytest.mark.parametrize("compare_steps, pushed_at", [(1, [0, 3, 4]), (2, [0, 4])])
 def test_push_to_hub_if_best(gpt2_dir, tokenizer, monkeypatch, tmp_path, compare_steps, pushed_at):
     """TRL's rule: every `compare_steps` steps, push when the batch's mean score beats every one compared
-    before; the push carries the configured kwargs (what it sends: tests/test_trl_port.py). The record survives
+    before; the push carries the configured kwargs (what it sends: tests/trl/test_trl_port.py). The record survives
     save_state / load_state."""
     kwargs = {"repo_id": "me/policy", "private": True}
     trainer = make_trainer(gpt2_dir, tokenizer, push_to_hub_if_best_kwargs=kwargs, compare_steps=compare_steps)

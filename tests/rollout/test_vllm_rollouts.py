@@ -109,7 +109,7 @@ def test_quickstart_runs_on_the_vllm_engine(llama_dir, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).parent.parent / "examples" / "quickstart.py"), "--model", str(model_dir),
+        [sys.executable, str(Path(__file__).parents[2] / "examples" / "quickstart.py"), "--model", str(model_dir),
          "--steps", "3", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6", "--device", "cpu",
          "--backend", "torch", "--rollout-engine", "vllm", "--rollout-correction", "tis", "--output-dir", str(out)],
         capture_output=True, text=True, env=env, timeout=600,

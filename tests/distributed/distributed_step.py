@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `accelerate launch` (2 CPU processes, gloo).
+"""Run by tests/distributed/test_distributed.py under `accelerate launch` (2 CPU processes, gloo).
 
 Each rank trains on its own data for two steps and writes its stats and a weight checksum; rank 1 poisons one
 mini-batch with NaN values, which every rank's non-finite guard must skip alike.
@@ -12,7 +12,7 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 from conftest import make_batch  # noqa: E402
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # noqa: E402
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def test_sweep_checks_every_configuration(tmp_path, bench):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 BENCH = ROOT / "bench"
 OPS = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd", "linear_logprobs")
 TITLES = ("logprobs_from_logits — forward", "logprobs_from_logits — forward + backward", "full_kl — forward",

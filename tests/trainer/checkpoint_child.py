@@ -1,6 +1,6 @@
-"""Run by tests/test_checkpoint_atomicity.py: saves to be killed with SIGKILL, one child process per save.
+"""Run by tests/trainer/test_checkpoint_atomicity.py: saves to be killed with SIGKILL, one child process per save.
 
-    python tests/checkpoint_child.py MODEL_DIR TOKENIZER_DIR CKPT_DIR EXPECTED_DIR
+    python tests/trainer/checkpoint_child.py MODEL_DIR TOKENIZER_DIR CKPT_DIR EXPECTED_DIR
 
 Imports once (seconds), then for each number K read from stdin forks a child that builds the trainer,
 `load_state(CKPT_DIR)`, steps on batch K, sets `current_step = K`, writes the fingerprint of what it is
@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 from conftest import make_batch  # noqa: E402
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # noqa: E402
 

@@ -50,7 +50,7 @@ def _on_disk(ckpt: str) -> str:
 
 
 class Helper:
-    """tests/checkpoint_child.py, talked to line by line."""
+    """tests/trainer/checkpoint_child.py, talked to line by line."""
 
     def __init__(self, *args):
         env = dict(os.environ, FASTPPO_TEST_WRITE_DELAY=str(WRITE_DELAY), OMP_NUM_THREADS="1")

@@ -20,7 +20,7 @@ from tolerances import tol
 
 peft = pytest.importorskip("peft")
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 BASE = DATA / "trl_parity" / "init"  # the base model of every trl_peft fixture
 FP32 = tol(torch.float32)
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_sharded.py under `accelerate launch` (2 CPU processes, gloo): the same PPO run
+"""Run by tests/distributed/test_sharded.py under `accelerate launch` (2 CPU processes, gloo): the same PPO run
 under DDP, ZeRO-2, ZeRO-3 or FSDP2, each rank writing what the test compares.
 
     accelerate launch ... tests/sharded_scenarios.py run|resume MODEL_DIR TOKENIZER_DIR OUT_DIR
@@ -18,7 +18,7 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 from conftest import make_batch  # noqa: E402
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, sharding  # noqa: E402
 

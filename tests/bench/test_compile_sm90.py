@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 

@@ -1,6 +1,6 @@
 """Rollout engines without vLLM: HF generate's log-probs and shapes, the vLLM engine's control flow on a
 stand-in `vllm` module (lazy build, sync only after weight changes, sleep/wake order, RNG untouched), and
-the weights a sync sends. The real engine runs in tests/test_vllm_rollouts.py (scripts/test_vllm.sh)."""
+the weights a sync sends. The real engine runs in tests/rollout/test_vllm_rollouts.py (scripts/test_vllm.sh)."""
 
 import importlib.machinery
 import importlib.util

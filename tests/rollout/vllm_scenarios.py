@@ -1,6 +1,6 @@
 """Runs one vLLM rollout scenario in a process of its own and prints its measurements as JSON.
 
-`tests/test_vllm_rollouts.py` starts it (an in-process vLLM engine rebinds torch's threads and
+`tests/rollout/test_vllm_rollouts.py` starts it (an in-process vLLM engine rebinds torch's threads and
 seeds the global RNG, so it never runs inside the pytest process) and asserts on the JSON:
 
     python tests/vllm_scenarios.py SCENARIO MODEL_DIR TOKENIZER_DIR OUT_DIR

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
-PARITY = Path(__file__).parent / "data" / "trl_parity"
+PARITY = Path(__file__).parents[1] / "data" / "trl_parity"
 
 pytestmark = pytest.mark.filterwarnings("ignore:PPOTrainer has no dataset")
 

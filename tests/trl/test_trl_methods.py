@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from tolerances import TRAINER, WEIGHTS
 
-DATA = Path(__file__).parent / "data" / "trl_parity"
+DATA = Path(__file__).parents[1] / "data" / "trl_parity"
 METHODS = torch.load(DATA / "methods.pt", weights_only=False)
 FP32 = dict(atol=1e-5, rtol=1e-5)
 
