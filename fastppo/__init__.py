@@ -4,7 +4,7 @@ from . import core
 from .config import PPOConfig
 from .core import set_seed
 from .model import AutoModelForCausalLMWithValueHead, PreTrainedModelWrapper, ValueHead, create_reference_model
-from .model_utils import SUPPORTED_ARCHITECTURES, setup_chat_format, unwrap_model_for_generation
+from .models.utils import SUPPORTED_ARCHITECTURES, setup_chat_format, unwrap_model_for_generation
 from .trainer import PPOTrainer
 
 __version__ = "0.1.0"

@@ -25,14 +25,15 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from accelerate.utils.memory import clear_device_cache
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from . import checkpointing, guards, heads, inputs, microbatch, ops, packing, padding, sharding
-from . import trainer_checks as checks
-from . import stats as step_statistics
+from . import checkpointing, ops, sharding
 from .config import PPOConfig
-from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
-from .model import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
-from .rollout import HFEngine, draw_lengths, list_output, single_output
-from .trl_methods import TRLMethods
+from .models import heads
+from .models.value_head import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
+from .rollout.hf_engine import HFEngine, draw_lengths, list_output, single_output
+from .training import checks, guards, inputs, microbatch, packing, padding
+from .training import stats as step_statistics
+from .training.controllers import AdaptiveKLController, FixedKLController, RunningMoments
+from .training.trl_methods import TRLMethods
 
 
 class Rollout(NamedTuple):
@@ -158,7 +159,7 @@ class PPOTrainer(TRLMethods):
         self.hf_engine = HFEngine(self.accelerator, tokenizer)
         self.rollout_engine = self.hf_engine
         if config.rollout_engine == "vllm":
-            from .vllm_engine import VLLMEngine, check_vllm_installed
+            from .rollout.vllm_engine import VLLMEngine, check_vllm_installed
 
             if config.world_size > 1:
                 raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "

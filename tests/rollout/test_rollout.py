@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
-from fastppo.policy_weights import lm_weights
+from fastppo.rollout.policy_weights import lm_weights
 
 QUERIES = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.tensor([10, 11])]
 

@@ -1,9 +1,9 @@
-"""fastppo.sampling: HF generate kwargs → vLLM SamplingParams kwargs, each supported kwarg and each refused one."""
+"""fastppo.rollout.sampling: HF generate kwargs → vLLM SamplingParams kwargs, each supported kwarg and each refused one."""
 
 import pytest
 from transformers import GenerationConfig
 
-from fastppo.sampling import UNTRANSLATABLE_CONFIG, resolve, sampling_params_kwargs
+from fastppo.rollout.sampling import UNTRANSLATABLE_CONFIG, resolve, sampling_params_kwargs
 
 
 def translate(prompt_lengths=(3,), return_logprobs=False, config=None, **kwargs):

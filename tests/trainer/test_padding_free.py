@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import assert_same_training, make_batch
-from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, packing
+from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from fastppo.training import packing
 
 SGD_WEIGHTS = dict(atol=1e-5, rtol=1e-4)  # SGD: float noise stays float noise in the weights
 
@@ -142,7 +143,7 @@ def test_padding_free_under_bf16_mixed_precision(gpt2_dir, tokenizer, fresh_acce
 
 
 def test_pass_counts_even_out_by_halving_the_widest_slices():
-    from fastppo import microbatch
+    from fastppo.training import microbatch
 
     assert microbatch.token_budget_slices([5, 5, 30, 4, 4, 4], budget=12) == [slice(0, 2), slice(2, 3), slice(3, 6)]
     evened = microbatch.split_to_count([slice(0, 2), slice(2, 3), slice(3, 6)], 5)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-import fastppo.wrapper
+import fastppo.models.wrapper
 from conftest import make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, PreTrainedModelWrapper, ValueHead
 from tolerances import tol
@@ -144,7 +144,7 @@ class _Recording(AutoModelForCausalLMWithValueHead):
 
 
 def test_quantisation_flags_become_a_bitsandbytes_config(gpt2_dir, monkeypatch):
-    monkeypatch.setattr(fastppo.wrapper, "_bitsandbytes_installed", lambda: True)
+    monkeypatch.setattr(fastppo.models.wrapper, "_bitsandbytes_installed", lambda: True)
     kbit_calls = []
 
     def prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
@@ -167,10 +167,10 @@ def test_quantisation_flags_become_a_bitsandbytes_config(gpt2_dir, monkeypatch):
 
 
 def test_quantisation_flags_are_refused_clearly(gpt2_dir, monkeypatch):
-    if not fastppo.wrapper._bitsandbytes_installed():
+    if not fastppo.models.wrapper._bitsandbytes_installed():
         with pytest.raises(ImportError, match="load_in_8bit=True .* bitsandbytes"):
             AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir, load_in_8bit=True)
-    monkeypatch.setattr(fastppo.wrapper, "_bitsandbytes_installed", lambda: True)
+    monkeypatch.setattr(fastppo.models.wrapper, "_bitsandbytes_installed", lambda: True)
     with pytest.raises(ValueError, match="load_in_8bit and load_in_4bit"):
         AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir, load_in_8bit=True, load_in_4bit=True)
     with pytest.raises(ValueError, match="load_in_4bit=True and quantization_config"):
@@ -257,7 +257,7 @@ def test_reward_adapter_bad_input_names_the_argument(trl_peft, gpt2_dir):
 
 
 def test_peft_config_is_ignored_for_a_saved_adapter(trl_peft, expected, caplog):
-    with caplog.at_level(logging.WARNING, logger="fastppo.wrapper"):
+    with caplog.at_level(logging.WARNING, logger="fastppo.models.wrapper"):
         model = AutoModelForCausalLMWithValueHead.from_pretrained(trl_peft / "policy", peft_config=lora(r=8),
                                                                   attn_implementation="eager").eval()
     assert "peft_config ignored" in caplog.text and model.pretrained_model.peft_config["default"].r == 4

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import sharding
+from .. import sharding
 
 
 class AdaptiveKLController:

@@ -17,7 +17,9 @@ from typing import Optional
 
 import torch
 
-from . import core, heads, inputs, ops, padding, stats as step_statistics
+from .. import core, ops
+from ..models import heads
+from . import inputs, padding, stats as step_statistics
 
 # What step does not call: a subclass overriding one of these gets a warning at construction.
 NOT_CALLED_BY_STEP = ("batched_forward_pass", "loss", "train_minibatch")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
-from . import sharding
-from .model import AutoModelForCausalLMWithValueHead
+from .. import sharding
+from .value_head import AutoModelForCausalLMWithValueHead
 
 SUPPORTED_ARCHITECTURES = (AutoModelForCausalLMWithValueHead,)  # causal LMs only (no seq2seq)
 

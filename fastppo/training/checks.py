@@ -9,9 +9,10 @@ from typing import Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from . import guards, padding, sharding
-from .config import PPOConfig
-from .model import AutoModelForCausalLMWithValueHead
+from .. import sharding
+from . import guards, padding
+from ..config import PPOConfig
+from ..models.value_head import AutoModelForCausalLMWithValueHead
 
 
 def refuse_nonfinite(named_tensors) -> None:

@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import ops
-from .model import AutoModelForCausalLMWithValueHead
+from .. import ops
+from .value_head import AutoModelForCausalLMWithValueHead
 
 # Config attributes of models whose logits are not just `lm_head(hidden)`.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")

@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import ops, sharding
-from .reference import PPOLossOutput
+from .. import ops, sharding
+from ..reference import PPOLossOutput
 
 
 def minibatch_stats(

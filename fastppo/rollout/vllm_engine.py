@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import policy_weights, sampling
-from .rollout import Sample
+from .hf_engine import Sample
 
 CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's CPU backend otherwise reserves a share of host memory
 GPU_MEMORY_UTILIZATION = 0.3  # colocated: the rest stays for training (TRL's colocate default too)

@@ -1,0 +1,1 @@
+"""Rollout engines: what samples the responses `PPOTrainer.generate` returns (HF generate or vLLM)."""
