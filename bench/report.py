@@ -1,10 +1,19 @@
-"""Turn pytest-benchmark JSON from the bench/ suite into RESULTS.md and a PNG of speedup and memory.
+"""Turn pytest-benchmark JSON from the bench/suites/ run into RESULTS.md and a PNG of speedup and memory.
 
-    python bench/report.py bench/results.json [more.json ...] [--out bench]
+    python bench/report.py results.json [more.json ...] [--out DIR] [--results-dir DIR] [--command TEXT]
+    python bench/report.py bench/results/gpu/results-*.json --out bench --results-dir bench/results/gpu  # GPU page
+    python bench/report.py bench/results/cpu/results.json --out bench/results/cpu                        # CPU page
 
 Reads each benchmark's `extra_info` (median_ms, GB/s, % of floor, peak memory, shape, dtype,
-provider: see harness.py) and `machine_info["fastppo"]` (device, driver, versions, measured
-ceilings, skipped cases). Several JSON files (e.g. a suite split over runs) are merged.
+provider: see bench/suites/harness.py) and `machine_info["fastppo"]` (device, driver, versions,
+measured ceilings, skipped cases). Several JSON files (e.g. a suite split over runs) are merged.
+
+RESULTS.md goes to --out; results.png to the results directory (--results-dir, default --out),
+and the markdown names the figure and the JSON by their paths relative to itself. The results
+directory's hand-kept `measurements.md` (a `## Other measurements` section of figures measured
+outside the suites; --measurements names another file), when it exists, is appended verbatim, so
+regenerating a report keeps it: bench/results/gpu/measurements.md for the GPU page, and
+bench/results/cpu/measurements.md for the CPU one.
 """
 
 from __future__ import annotations
@@ -406,9 +415,33 @@ def plot_panels(groups: dict) -> list:
 
 # --------------------------------------------------------------------------- main
 
+MEASUREMENTS = "measurements.md"  # the hand-kept fragment, in the results directory
 
-def write_report(json_paths, out_dir: str, command: str = "bash bench/run.sh") -> str:
-    """Write RESULTS.md and results.png into `out_dir`; return the markdown's path."""
+
+def relative(path: str, start: str) -> str:
+    """`path` as the markdown in `start` links it (forward slashes)."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(start)).replace(os.sep, "/")
+
+
+def measurements_section(path) -> list:
+    """The hand-kept fragment at `path`, as lines, or nothing if there is no such file."""
+    if path is None or not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        text = handle.read().strip()
+    return [text, ""] if text else []
+
+
+def write_report(json_paths, out_dir: str, command: str = "bash bench/run.sh", results_dir: str | None = None,
+                 measurements: str | None = None) -> str:
+    """Write RESULTS.md into `out_dir` and results.png into `results_dir` (default: `out_dir`); append the
+    hand-kept fragment `measurements` (default: `results_dir`/measurements.md) when that file exists.
+    Return the markdown's path."""
+    results_dir = out_dir if results_dir is None else results_dir
+    if measurements is None:
+        measurements = os.path.join(results_dir, MEASUREMENTS)
+    elif not os.path.isfile(measurements):
+        raise FileNotFoundError(f"no measurements fragment at {measurements}")
     machine, commit, when, benchmarks, skipped = load(json_paths)
     groups = defaultdict(list)
     for bench in benchmarks:
@@ -417,10 +450,11 @@ def write_report(json_paths, out_dir: str, command: str = "bash bench/run.sh") -
     for skip in skipped:
         skips[skip["group"]].append(skip)
     os.makedirs(out_dir, exist_ok=True)
-    png = os.path.join(out_dir, "results.png")
+    os.makedirs(results_dir, exist_ok=True)
+    png = os.path.join(results_dir, "results.png")
     lines = header(machine, commit, when, benchmarks)
     lines.append(f"Command: `{command}`. Raw pytest-benchmark JSON: "
-                 + ", ".join(f"`{os.path.basename(p)}`" for p in json_paths) + ".")
+                 + ", ".join(f"`{relative(p, out_dir)}`" for p in json_paths) + ".")
     lines.append("")
     title = f"fastppo benchmarks — {machine.get('device_name', '?')} ({machine.get('mode', '?')} mode)"
     if machine.get("device_type") == "cpu":
@@ -435,7 +469,7 @@ def write_report(json_paths, out_dir: str, command: str = "bash bench/run.sh") -
         import plot
 
         plot.draw(panels, png, title)
-        lines += ["![speedup and peak memory against sequence length](results.png)", ""]
+        lines += [f"![speedup and peak memory against sequence length]({relative(png, out_dir)})", ""]
     lines += bars_section(machine, groups)
     lines += method_notes(machine, benchmarks)
     for group in sorted(set(groups) | set(skips), key=op_key):
@@ -447,6 +481,7 @@ def write_report(json_paths, out_dir: str, command: str = "bash bench/run.sh") -
                               skips.get("step", []) + skips.get("step_longest", []))
     if groups.get("ragged") or skips.get("ragged"):
         lines += ragged_section(groups.get("ragged", []), skips.get("ragged", []))
+    lines += measurements_section(measurements)
     path = os.path.join(out_dir, "RESULTS.md")
     with open(path, "w") as handle:
         handle.write("\n".join(lines).rstrip() + "\n")
@@ -455,13 +490,18 @@ def write_report(json_paths, out_dir: str, command: str = "bash bench/run.sh") -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) from the bench/ suite")
-    parser.add_argument("--out", default=None, help="directory for RESULTS.md and results.png (default: the "
-                                                    "first JSON's directory)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) from the bench/suites/ run")
+    parser.add_argument("--out", default=None, help="directory for RESULTS.md (default: the first JSON's "
+                                                    "directory)")
+    parser.add_argument("--results-dir", default=None,
+                        help="directory for results.png, where measurements.md is looked for (default: --out)")
+    parser.add_argument("--measurements", default=None,
+                        help=f"hand-kept markdown to append (default: {MEASUREMENTS} in the results directory, "
+                             "if it exists)")
     parser.add_argument("--command", default="bash bench/run.sh", help="the command to name in the header")
     args = parser.parse_args(argv)
     out = args.out or os.path.dirname(os.path.abspath(args.json[0]))
-    print(f"wrote {write_report(args.json, out, args.command)}")
+    print(f"wrote {write_report(args.json, out, args.command, args.results_dir, args.measurements)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ change (or a test forcing several vocabulary blocks) happens in one place.
   round of numpy calls, so blocks are as large as the row allows.
 - On a GPU the vocabulary kernels stream 2048-column blocks over 4 warps (16 elements per
   thread: two 16-byte loads for bf16), the token kernels 2048-element tiles at 8 per thread.
-  Measured by bench/sweep.py on an H200 (bench/sweep-h200.json, bench/RESULTS.md): at
+  Measured by bench/tools/sweep.py on an H200 (bench/results/gpu/sweep-h200.json, bench/RESULTS.md): at
   N=16384, V=151936 bf16 the logprobs forward took 1.21 ms (98 % of a device copy's rate)
   against 1.49 ms with the earlier 4096 × 16-warp guess, forward + backward 3.73 against
   3.97 ms, full_kl (V=128256) 1.33 against 1.71 ms; 8192-column blocks were slowest of all.

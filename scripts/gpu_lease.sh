@@ -9,8 +9,9 @@
 #   bash scripts/gpu_lease.sh [total_seconds]      # default 540: inside a 600 s command limit
 #   STAGES="tests-gpu bench-ragged" bash scripts/gpu_lease.sh   # chosen stages, in this order
 #
-# Then, on the machine you commit from: unpack lease.tgz, copy results-*.json into bench/ and run
-# `python bench/report.py bench/results-*.json --out bench`; set kernels/_launch.py from sweep.json.
+# Then, on the machine you commit from: unpack lease.tgz, copy results-*.json into bench/results/gpu/ and run
+# `python bench/report.py bench/results/gpu/results-*.json --out bench --results-dir bench/results/gpu`;
+# set kernels/_launch.py from sweep.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 total=${1:-540}
@@ -59,7 +60,7 @@ print(p.name, p.multi_processor_count, 'SMs; torch', torch.__version__, 'triton'
 cat "$work/env.txt"
 
 pytest=("$python" -m pytest -q -p no:cacheprovider)
-bench=("${pytest[@]}" bench -k)
+bench=("${pytest[@]}" bench/suites -k)
 not_compile="not compile and not reference and not liger"
 # STAGES picks and orders the stages (default: the standing checks); the follow-ups are opt-in:
 # bench-ragged (padded vs padding_free step) and bench-step-long (the R8192 step rows).
@@ -69,7 +70,7 @@ for name in $stages; do
         tests-gpu) stage "$name" 75 "${pytest[@]}" -m gpu tests ;;
         tests-kernels) stage "$name" 110 "${pytest[@]}" -n 8 -m "not gpu" tests/kernels \
             tests/ops/test_head_paths.py tests/ops/test_backends.py ;;
-        sweep) stage "$name" 120 "$python" bench/sweep.py --out "$work/sweep.json" ;;
+        sweep) stage "$name" 120 "$python" bench/tools/sweep.py --out "$work/sweep.json" ;;
         bench-logprobs) stage "$name" 80 "${bench[@]}" "bench_logprobs and $not_compile" \
             --benchmark-json "$work/results-logprobs.json" ;;
         bench-tokens) stage "$name" 60 "${bench[@]}" "(full_kl or kl_reward or gae or ppo_loss) and $not_compile" \

@@ -3,13 +3,14 @@
 # torch/triton/transformers/pytest/pytest-benchmark already there). One slice per call:
 #
 #   bash scripts/gpu_session.sh tests     # pytest -m gpu, then the kernel and head-path tests on CUDA
-#   bash scripts/gpu_session.sh logprobs  # bench/: logprobs fwd, fwd+bwd   → bench/results-logprobs.json
-#   bash scripts/gpu_session.sh tokens    # bench/: full_kl, kl_reward, gae, ppo_loss → results-tokens.json
-#   bash scripts/gpu_session.sh linear    # bench/: linear_logprobs         → bench/results-linear.json
-#   bash scripts/gpu_session.sh step      # bench/: PPOTrainer.step rows    → bench/results-step.json
-#   bash scripts/gpu_session.sh longest   # bench/: longest response that fits → results-longest.json
-#   bash scripts/gpu_session.sh sweep     # bench/sweep.py: launch knobs of every kernel, checked and timed
-#   bash scripts/gpu_session.sh report    # RESULTS.md + results.png from every results-*.json
+#   bash scripts/gpu_session.sh logprobs  # bench/suites: logprobs fwd, fwd+bwd → results-logprobs.json
+#   bash scripts/gpu_session.sh tokens    # bench/suites: full_kl, kl_reward, gae, ppo_loss → results-tokens.json
+#   bash scripts/gpu_session.sh linear    # bench/suites: linear_logprobs      → results-linear.json
+#   bash scripts/gpu_session.sh step      # bench/suites: PPOTrainer.step rows → results-step.json
+#   bash scripts/gpu_session.sh longest   # bench/suites: longest response that fits → results-longest.json
+#                                         #   (each in bench/results/gpu/, bench/run.sh's folder on CUDA)
+#   bash scripts/gpu_session.sh sweep     # bench/tools/sweep.py: launch knobs of every kernel, checked and timed
+#   bash scripts/gpu_session.sh report    # bench/RESULTS.md + bench/results/gpu/results.png from every results-*.json
 #
 # Extra arguments go to pytest (e.g. `-k "bf16"` to split a slice that outgrows its 10 minutes:
 # torch.compile's warm-up, tens of seconds per case, is most of a slice's time).
@@ -17,8 +18,9 @@
 # Wheels for packages the machine lacks (liger-kernel for the liger provider) go in .whl/
 # (git-ignored; see the device README for `pip download`) and are installed to /tmp/site first.
 # Logs and results are copied to $OUT when it is set (the device tool brings that folder back):
-# put each slice's results-<slice>.json into bench/ on the machine you commit from, where
-# `python bench/report.py bench/results-*.json --out bench` (no GPU needed) writes RESULTS.md.
+# put each slice's results-<slice>.json into bench/results/gpu/ on the machine you commit from, where
+# `python bench/report.py bench/results/gpu/results-*.json --out bench --results-dir bench/results/gpu`
+# (no GPU needed) writes bench/RESULTS.md and bench/results/gpu/results.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 slice=${1:?usage: gpu_session.sh tests|ops|step|report [pytest args]}
@@ -63,12 +65,12 @@ case $slice in
         status=${PIPESTATUS[0]}
         ;;
     sweep)
-        "$python" bench/sweep.py --out bench/sweep.json "$@" 2>&1 | tee "$log"
+        "$python" bench/tools/sweep.py --out bench/results/gpu/sweep.json "$@" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
-        [ -n "$out" ] && cp bench/sweep.json "$out"/
+        [ -n "$out" ] && cp bench/results/gpu/sweep.json "$out"/
         ;;
     report)
-        "$python" bench/report.py bench/results-*.json --out bench \
+        "$python" bench/report.py bench/results/gpu/results-*.json --out bench --results-dir bench/results/gpu \
             --command "bash scripts/gpu_session.sh logprobs|tokens|linear|step|longest, then report" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
         ;;
@@ -80,7 +82,7 @@ esac
 
 if [ -n "$out" ]; then
     cp "$log" "$out"/ 2>/dev/null
-    for file in bench/results-"$slice".json bench/RESULTS.md bench/results.png; do
+    for file in bench/results/gpu/results-"$slice".json bench/RESULTS.md bench/results/gpu/results.png; do
         [ -f "$file" ] && cp "$file" "$out"/
     done
 fi

@@ -126,20 +126,24 @@ def make_batch(tokenizer, batch_size: int, seed: int = 0, max_query: int = 6, ma
 
 @pytest.fixture()
 def bench():
-    """`import_module` with bench/ on sys.path, as pytest imports the benchmark suite; bench's modules
-    are forgotten afterwards (they are plain top-level names: harness, machine, report, ...)."""
+    """`import_module` with bench/ (report, plot), bench/suites/ (harness, machine, bench_*) and bench/tools/
+    (sweep, ...) on sys.path, as pytest and the scripts import them; their modules are forgotten
+    afterwards (they are plain top-level names)."""
     import importlib
     from pathlib import Path
 
-    folder = Path(__file__).parent.parent / "bench"
-    sys.path.insert(0, str(folder))
+    root = Path(__file__).parent.parent / "bench"
+    folders = [root, root / "suites", root / "tools"]
+    saved = list(sys.path)
+    sys.path[:0] = [str(folder) for folder in folders]
     try:
         yield importlib.import_module
     finally:
-        sys.path.remove(str(folder))
-        for path in folder.glob("*.py"):
-            if path.stem != "conftest":  # this file goes by that name too
-                sys.modules.pop(path.stem, None)
+        sys.path[:] = saved  # the tools add bench/suites/ themselves when imported
+        for folder in folders:
+            for path in folder.glob("*.py"):
+                if path.stem != "conftest":  # this file goes by that name too
+                    sys.modules.pop(path.stem, None)
 
 
 def assert_same_training(baseline, candidate, weights_tolerance: dict) -> None:

@@ -1,4 +1,4 @@
-"""bench/harness.py and bench/machine.py down their CUDA branches, on CPU tensors behind a fake CUDA layer.
+"""bench/suites/ harness.py and machine.py down their CUDA branches, on CPU tensors behind a fake CUDA layer.
 
 CI has no GPU, so `do_bench` timing, the CUDA peak-memory reading, the measured ceilings and
 the device header would otherwise run for the first time on a lent GPU. The fake `do_bench`

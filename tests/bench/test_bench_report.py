@@ -2,15 +2,19 @@
 
 Only CPU runs have ever produced bench JSON, and CI has no GPU, so the report's GPU path would
 first execute on the one GPU session that matters. This builds the JSON a CUDA run writes
-(extra_info as bench/harness.py::run_case and bench/bench_step.py fill it, machine_info as
-bench/machine.py + bench/conftest.py do), split in two parts as `bench/run.sh --part` leaves
-it, with numbers chosen so every value in the report can be worked out by hand.
+(extra_info as bench/suites/harness.py::run_case and bench/suites/bench_step.py fill it,
+machine_info as bench/suites/machine.py + bench/suites/conftest.py do), split in two parts as
+`bench/run.sh --part` leaves it, with numbers chosen so every value in the report can be worked
+out by hand. Also the layout of the committed reports: the GPU page in bench/ naming its figure
+and JSON in bench/results/gpu/, and each kind's hand-kept measurements.md appended.
 """
 
+import importlib.util
 import inspect
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 MODULE_OF_OP = {
@@ -187,7 +191,8 @@ def test_gpu_report_from_two_parts(bench, tmp_path):
                  "| git commit | 0123456789 |", f"| mode | gpu ({len(part_ops) + len(part_step)} benchmarks) |",
                  "| measured copy bandwidth | 2,500 GB/s (read + write) |",
                  "| measured matmul rate | 625 TFLOP/s bf16 |",
-                 "Raw pytest-benchmark JSON: `results-ops.json`, `results-step.json`."):
+                 # named relative to the RESULTS.md (in out/, the JSON beside that folder)
+                 "Raw pytest-benchmark JSON: `../results-ops.json`, `../results-step.json`."):
         assert line in text, line
 
     # every §6 bar: (measured, met), worked out by hand
@@ -241,3 +246,52 @@ def test_gpu_report_from_two_parts(bench, tmp_path):
     assert row["GB/s"] == "357" and row["% floor"] == "14.3" and row["peak MiB"] == "8"  # 17 B/token + 4 B/row
     assert table_row(text, "B8xT4096xH4096xV128256", "bf16", "**fastppo**")["% matmul"] == "73.4"
     assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
+
+
+def test_gpu_page_links_its_results_folder_and_keeps_each_kinds_measurements(bench, tmp_path):
+    """bench/RESULTS.md names bench/results/gpu/'s figure and JSON; each kind's measurements.md is appended."""
+    harness, report = bench("harness"), bench("report")
+    page, gpu, cpu = tmp_path / "bench", tmp_path / "bench" / "results" / "gpu", tmp_path / "bench" / "results" / "cpu"
+    gpu.mkdir(parents=True)
+    cpu.mkdir()
+    rows = [op_row(harness, "gae", "eager", (64, 8192), "fp32", 8.0),
+            op_row(harness, "gae", "fastppo", (64, 8192), "fp32", 0.04)]
+    paths = [gpu / "results-a.json", gpu / "results-b.json"]
+    for path, row in zip(paths, rows):
+        path.write_text(json.dumps(results_json(harness, [row], []), indent=2))
+    (cpu / "results.json").write_text(json.dumps(results_json(harness, rows, []), indent=2))
+    fragment = {kind: f"## Other measurements\n\n| what | figure |\n|---|---|\n| {kind} thing | 42 |\n"
+                for kind in ("gpu", "cpu")}
+
+    # no fragment yet: the report ends with its last section
+    text = Path(report.write_report([str(p) for p in paths], str(page), results_dir=str(gpu))).read_text()
+    assert "## Other measurements" not in text
+    assert "Raw pytest-benchmark JSON: `results/gpu/results-a.json`, `results/gpu/results-b.json`." in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "](results/gpu/results.png)" in text and (gpu / "results.png").stat().st_size > 10_000
+        assert not (page / "results.png").exists()
+
+    # the fragment of the page's kind, appended at the end, once, however often the page is regenerated
+    (gpu / "measurements.md").write_text(fragment["gpu"])
+    (cpu / "measurements.md").write_text(fragment["cpu"])
+    for _ in range(2):
+        report.main([*map(str, paths), "--out", str(page), "--results-dir", str(gpu), "--command", "made by hand"])
+    text = (page / "RESULTS.md").read_text()
+    assert text.endswith("\n\n" + fragment["gpu"]) and text.count("## Other measurements") == 1
+    assert "gpu thing" in text and "cpu thing" not in text and "Command: `made by hand`." in text
+    assert text.index("## gae") < text.index("## Other measurements")
+
+    # the CPU page sits in its results folder: JSON and figure by bare name, its own fragment
+    text = Path(report.write_report([str(cpu / "results.json")], str(cpu))).read_text()
+    assert "Raw pytest-benchmark JSON: `results.json`." in text and text.endswith("\n\n" + fragment["cpu"])
+    assert "gpu thing" not in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "](results.png)" in text
+
+    # an explicit fragment replaces the folder's; a named one that is missing is an error, not a silent loss
+    other = tmp_path / "other.md"
+    other.write_text("## Other measurements\n\nby hand\n")
+    text = Path(report.write_report([str(cpu / "results.json")], str(cpu), measurements=str(other))).read_text()
+    assert text.endswith("\n\n## Other measurements\n\nby hand\n") and "cpu thing" not in text
+    with pytest.raises(FileNotFoundError):
+        report.write_report([str(cpu / "results.json")], str(cpu), measurements=str(tmp_path / "missing.md"))

@@ -1,4 +1,4 @@
-"""The benchmark suite (bench/) still runs: its one command in smoke mode writes the JSON, table and plot.
+"""The benchmark suites (bench/suites/) still run: their one command in smoke mode writes the JSON, table and plot.
 
 `bash bench/run.sh --bench-smoke` runs every benchmark at tiny shapes with one round (the
 fastppo provider under the Triton interpreter on CPU) and then bench/report.py. Also checks

@@ -1,4 +1,4 @@
-"""bench/sweep.py, the GPU tuning sweep, still runs: every op × launch configuration, checked.
+"""bench/tools/sweep.py, the GPU tuning sweep, still runs: every op × launch configuration, checked.
 
 On CPU it runs `--smoke` (tiny shapes, the GPU launch heuristics through the interpreter), so a
 GPU session can spend its minutes on the sweep's numbers rather than on fixing the script.
@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[2]
 
 def test_sweep_checks_every_configuration(tmp_path, bench):
     out = tmp_path / "sweep.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--out", str(out)],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "tools" / "sweep.py"), "--smoke", "--out", str(out)],
                             capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for an H100 (sm_90) at the GPU's launch configurations, without spills.
 
-bench/compile_sm90.py compiles ahead of time (triton's own ptxas and cuobjdump, no GPU needed):
+bench/tools/compile_sm90.py compiles ahead of time (triton's own ptxas and cuobjdump, no GPU needed):
 so a kernel that only the interpreter has run cannot reach a GPU session failing to compile,
 or spilling registers to local memory, unnoticed.
 """
@@ -37,7 +37,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = tmp_path / "compile.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_sm90.py"), "--out", str(out)], env=env,
+    script = ROOT / "bench" / "tools" / "compile_sm90.py"
+    result = subprocess.run([sys.executable, str(script), "--out", str(out)], env=env,
                             capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

@@ -1,6 +1,6 @@
 """Where ppo_loss forward + backward spends its time on a GPU: kernels against host overhead.
 
-    python bench/profile_ppo_loss.py [B T]      # default 64 16384 (DESIGN.md §6: 1M tokens)
+    python bench/tools/profile_ppo_loss.py [B T]  # default 64 16384 (DESIGN.md §6: 1M tokens)
 
 The sweep on an H200 timed it at 0.55–0.9 ms for ~37 MB of traffic (1–2 % of a device copy's
 rate), so the time is not in moving bytes. This prints the CUDA time of each kernel (torch

@@ -1,7 +1,7 @@
 """Where a ragged batch's step spends its time, padded against padding_free (bench_ragged.py's batch).
 
-    python bench/profile_ragged.py            # GPU: bench_step's Llama, 16 rows of 64..4096 tokens
-    python bench/profile_ragged.py --cpu      # the tiny CPU setting, to check the script runs
+    python bench/tools/profile_ragged.py            # GPU: bench_step's Llama, 16 rows of 64..4096 tokens
+    python bench/tools/profile_ragged.py --cpu      # the tiny CPU setting, to check the script runs
 
 One warm-up step per variant, then one profiled step (torch.profiler): prints the step's wall time,
 the device time summed over kernels, and the kernels taking most device time, per variant.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "suites"))  # the suites' modules
 from bench_ragged import _batch, _trainer  # noqa: E402
 from bench_step import SETTINGS  # noqa: E402
 

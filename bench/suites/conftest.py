@@ -1,8 +1,10 @@
 """Benchmark-suite plumbing: the run's mode and device, shape × dtype × provider parametrisation,
 skip records and the environment (device, driver, versions, measured ceilings) in the JSON.
 
-Run it with `bash bench/run.sh` or `python -m pytest bench --benchmark-json bench/results.json`;
+Run it with `bash bench/run.sh` or `python -m pytest bench/suites --benchmark-json results.json`;
 `--bench-smoke` (or FASTPPO_BENCH_SMOKE=1) for the tiny CI mode. See harness.py for the modes.
+pytest puts this folder on sys.path (no __init__.py), so the suites import harness and machine as
+top-level modules; the scripts in bench/tools/ add it themselves to import the same ones.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What the non-finite guard costs: PPOTrainer.step with nonfinite_guard on and off, and on CUDA the host
 syncs per step (torch.cuda.set_sync_debug_mode counts each device→host wait as a warning).
 
-    python bench/profile_guards.py [--length 2048] [--rounds 5] [--backend triton]   # GPU: bench_step's Llama
-    python bench/profile_guards.py --length 128                                     # CPU: the tiny Llama
+    python bench/tools/profile_guards.py [--length 2048] [--rounds 5] [--backend triton]  # GPU: bench_step's Llama
+    python bench/tools/profile_guards.py --length 128                                    # CPU: the tiny Llama
 
 Prints one table: median step time of each setting (Adam fused, the trainer's default, whose steps are
 skipped on the device; or foreach, skipped from the host; guard on and off; rounds alternate between all
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "suites"))  # the suites' modules
 from bench_step import SETTINGS, _tokenizer, llama_policy  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Sweep the kernels' launch knobs (kernels/_launch.py) on a GPU: check, time, print one table.
 
-    python bench/sweep.py [--ops logprobs,full_kl,tokens,linear] [--out sweep.json]
-    python bench/sweep.py --smoke      # tiny shapes under the Triton interpreter: proves it runs
+    python bench/tools/sweep.py [--ops logprobs,full_kl,tokens,linear] [--out sweep.json]
+    python bench/tools/sweep.py --smoke      # tiny shapes under the Triton interpreter: proves it runs
 
 The heuristics in kernels/_launch.py were chosen, not measured. Per op, every configuration
 below runs at DESIGN.md §6's shape: its output is first checked against fastppo.reference
@@ -16,8 +16,9 @@ matmul's rate, and the peak memory beyond inputs and gradients). Knobs:
 - linear_logprobs: logits per chunk (bytes of the one buffer) × the backward's split.
 
 Print the table last; pick the best row per op and set it in kernels/_launch.py with the
-figure in bench/RESULTS.md. Under `--smoke` (CPU) the GPU configurations run through the
-interpreter (`is_interpreted` answers False, so the knobs apply): the numbers mean nothing.
+figure in bench/RESULTS.md (the H200 sweep is bench/results/gpu/sweep-h200.json). Under `--smoke`
+(CPU) the GPU configurations run through the interpreter (`is_interpreted` answers False, so the
+knobs apply): the numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "suites"))  # machine.py, shared with the suites
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
 
-import machine  # noqa: E402  (bench/, beside this script)
+import machine  # noqa: E402  (bench/suites/)
 from fastppo import ops, reference  # noqa: E402
 from fastppo.kernels import _launch  # noqa: E402
 

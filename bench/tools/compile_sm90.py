@@ -1,6 +1,6 @@
 """Compile every Triton kernel for an H100 (sm_90) without a GPU: registers, spills, load widths.
 
-    python bench/compile_sm90.py [--arch 90] [--out compile.json]
+    python bench/tools/compile_sm90.py [--arch 90] [--out compile.json]
 
 Runs each op of fastppo.kernels on small CPU tensors with the launch configuration a GPU gets
 (`_launch.is_interpreted` answers False), but every `kernel[grid](...)` launch is compiled
@@ -8,7 +8,7 @@ ahead of time for the target instead of run: triton's own argument binding and
 specialisation, then `triton.compile` to a cubin, and `cuobjdump --dump-resource-usage`
 (shipped with triton) on it. Prints one row per (kernel, constexpr configuration) and exits
 non-zero if a kernel fails to compile or spills registers to local memory. What the GPU
-would do with the binary (speed, correctness) is for bench/sweep.py on a lent GPU.
+would do with the binary (speed, correctness) is for bench/tools/sweep.py on a lent GPU.
 
 Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
 """
