@@ -2,7 +2,7 @@
 
 Same names, signatures and results; the math that fastppo already has (log-probs, entropy,
 masked statistics, whitening) goes through `fastppo.ops`, so each piece has one implementation.
-Differences, all documented in the README's compatibility table: results of the ops are float32
+Differences, all documented in docs/trl-compatibility.md: results of the ops are float32
 whatever the input dtype (TRL keeps the input's), and `masked_var` of a single masked position
 is 0 (TRL divides by zero there).
 """

@@ -23,7 +23,7 @@ import torch
 
 from . import reference
 from .config import BACKENDS
-from .reference import PPOLossOutput
+from .op_outputs import PPOLossOutput
 
 __all__ = [
     "PPOLossOutput",

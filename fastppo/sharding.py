@@ -8,8 +8,10 @@ accelerate wraps the policy (`prepare`); these helpers cover what it leaves to t
   it is a plain replica), as TRL prepares it;
 - full weights for the moments that need them: sampling (`gathered`) and a consolidated
   checkpoint (`full_state_dict`, one module's parameters gathered at a time);
-- the process count and rank from torch.distributed, which DeepSpeed initialises even where
-  accelerate's own state says one process (a machine without GPUs).
+- the checkpoint key layout FSDP2's sharded `save_state` needs (`checkpoint_layout`);
+- the process count from torch.distributed (`world_size`, the one count every part of fastppo uses),
+  which DeepSpeed initialises even where accelerate's own state says one process (a machine without
+  GPUs).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def prepare_reference(accelerator, ref_model, mini_batch_size: int):
 def gathered(accelerator, model):
     """Full weights of `model` on every process for the duration (ZeRO-3), e.g. to sample from it.
 
-    Each process then holds the whole model once: the limit of sharded generation (see README).
+    Each process then holds the whole model once: the limit of sharded generation (docs/distributed.md).
     A no-op where weights are not sharded.
     """
     if not shards_parameters(accelerator):
@@ -190,6 +192,18 @@ def _fsdp_full_state_dict(unwrapped, main: bool) -> Optional[dict]:
         if main:
             state[key] = value.detach().cpu()
     return state if main else None
+
+
+def checkpoint_layout(accelerator, models) -> contextlib.ExitStack:
+    """The context `save_state`/`load_state` run in: under FSDP2, torch.distributed.checkpoint addresses
+    weights by module path, so every value-head model accelerate prepared (`models`, None skipped) shows
+    nn.Module's own keys (`module_key_layout`) instead of its TRL checkpoint layout. A no-op elsewhere."""
+    stack = contextlib.ExitStack()
+    if is_fsdp(accelerator):
+        for model in models:
+            if model is not None:
+                stack.enter_context(accelerator.unwrap_model(model).module_key_layout())
+    return stack
 
 
 def vocab_size(lm_head_weight: torch.Tensor) -> int:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastppo.reference import PPOLossOutput
+from fastppo.op_outputs import PPOLossOutput
 
 from . import _launch
 from ._launch import check_column_offsets, device_guard, token_tiles

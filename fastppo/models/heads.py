@@ -64,20 +64,25 @@ def token_outputs(
     mode: str,
     backend: str,
     return_entropy: bool = False,
+    keep_logits: bool = False,
     **model_kwargs,
 ) -> TokenOutputs:
     """Run `model` (possibly accelerate-wrapped; `unwrapped` is the bare module) on a batch.
 
     input_ids, attention_mask `[b, L]`; mask `[b, L-1]` marks the response positions.
-    `model_kwargs` go to the model (a packed batch's `position_ids`, `use_cache=False`).
+    `keep_logits` ("full" only): logits the caller keeps, as TRL's model returns them (float32, never
+    overwritten by the log-probs' backward). `model_kwargs` go to the model (a packed batch's
+    `position_ids`, `use_cache=False`).
     """
+    if keep_logits and mode != "full":
+        raise ValueError(f"keep_logits needs the full-logits path, not {mode!r}")
     labels = input_ids[:, 1:]
     if mode == "full":
-        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=False,
+        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=keep_logits,
                                   **model_kwargs)
         logits = logits[:, :-1]
         out = ops.logprobs_from_logits(logits, labels, return_entropy=return_entropy, backend=backend,
-                                       inplace_backward=True)
+                                       inplace_backward=not keep_logits)
         logprobs, entropy = out if return_entropy else (out, None)
         return TokenOutputs(logprobs, entropy, values[:, :-1], logits)
 

@@ -219,7 +219,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
     @contextlib.contextmanager
     def module_key_layout(self):
         """`state_dict`/`load_state_dict` with nn.Module's own keys (`pretrained_model.…`) for the
-        duration: torch.distributed.checkpoint maps parameters by module path (FSDP2 save/load_state)."""
+        duration, for tools that map parameters by module path (`sharding.checkpoint_layout` uses it)."""
         self._module_key_layout = True
         try:
             yield

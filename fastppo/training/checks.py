@@ -1,5 +1,6 @@
-"""What PPOTrainer checks before it builds or saves anything: its arguments, how the models, tokenizer and
-optimizer pair up, the precision the weights train in, and that no weight written is NaN/inf."""
+"""What PPOTrainer checks before it builds or saves anything: its arguments, what the run's set-up (sharding,
+vLLM, micro-batches, LM-head path) cannot do, how the models, tokenizer and optimizer pair up, the
+precision the weights train in, and that no weight written is NaN/inf."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .. import sharding
-from . import guards, padding
 from ..config import PPOConfig
+from ..models import heads
 from ..models.value_head import AutoModelForCausalLMWithValueHead
+from . import padding, step_guard
 
 
 def refuse_nonfinite(named_tensors) -> None:
-    name = guards.first_nonfinite(named_tensors)
+    name = step_guard.first_nonfinite(named_tensors)
     if name is not None:
         raise ValueError(f"save_pretrained: the weight {name} holds NaN/inf; refusing to write a poisoned checkpoint")
 
@@ -53,7 +55,7 @@ def warn_low_precision_training(model, accelerator) -> None:
                       "optimizer updates them in that precision, where most small updates round away (e.g. LayerNorm "
                       "weights never move at lr 1e-5). Load the weights in float32 and set mixed precision "
                       "(Accelerator / `accelerate launch --mixed_precision bf16`, or PPOConfig(accelerator_kwargs="
-                      "{'mixed_precision': 'bf16'})); see the README's bf16 section")
+                      "{'mixed_precision': 'bf16'})); see docs/robustness.md, 'bf16 weights'")
 
 
 def check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler) -> None:
@@ -75,3 +77,29 @@ def check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_s
     if num_shared_layers is not None and (isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int)
                                           or num_shared_layers < 1):
         raise ValueError(f"num_shared_layers must be a positive int or None, got {num_shared_layers!r}")
+
+
+def check_environment(config, accelerator, model, ref_model, num_shared_layers, head_mode: str) -> None:
+    """Refuse, before anything is built, a configuration this run's set-up cannot train as asked: FSDP1,
+    the response-only/fused LM-head paths on a transformed head or sharded weights, shared layers
+    between a sharded policy and reference, token-budget micro-batches under DeepSpeed, and the vLLM
+    engine with several processes (`fastppo.rollout.build_engines` refuses it without vLLM installed).
+    A `num_shared_layers` that would be ignored warns."""
+    if head_mode != "full":
+        heads.check_plain_lm_head(model)
+        if sharding.shards_parameters(accelerator):
+            raise ValueError("response_only_logits/fused_lm_head read the LM head's weight directly, which ZeRO-3 "
+                             "and FSDP shard across processes; leave both False there")
+    if num_shared_layers is not None and (ref_model is not None or model.is_peft_model):
+        warnings.warn("num_shared_layers is ignored: " + ("a ref_model was given" if ref_model is not None
+                      else "a PEFT model's reference is its base with the adapter disabled, nothing is copied"))
+    elif num_shared_layers is not None and (sharding.is_fsdp(accelerator) or sharding.is_deepspeed(accelerator)):
+        raise ValueError(f"num_shared_layers: {accelerator.distributed_type.value} shards the policy and the "
+                         "reference separately, so they cannot share tensors; leave it None there")
+    sharding.check_supported(accelerator)
+    if config.max_tokens_per_microbatch is not None and sharding.is_deepspeed(accelerator):
+        raise ValueError("max_tokens_per_microbatch: DeepSpeed's engine steps the optimizer after a fixed count "
+                         "of backward passes, which token-budget micro-batches vary; leave it None under DeepSpeed")
+    if config.rollout_engine == "vllm" and sharding.world_size(accelerator) > 1:
+        raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "
+                         f"this run has {sharding.world_size(accelerator)} processes (not supported yet)")

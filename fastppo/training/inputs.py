@@ -181,13 +181,31 @@ def check_lengths(names: str, lengths: Sequence[int], max_length: Optional[int],
                              f"{max_length} positions (its config's max_position_embeddings)")
 
 
+def check_generation_lengths(queries: list, single: bool, length_sampler, generation_kwargs: dict,
+                             max_length: Optional[int]) -> None:
+    """Each query + the most new tokens `generate` is asked for must fit the model's `max_length` positions."""
+    values = getattr(length_sampler, "values", None)  # core.LengthSampler's range
+    most = max(values) if length_sampler is not None and values else generation_kwargs.get("max_new_tokens")
+    name = "query_tensor" if single else "query_tensor[{i}]"
+    if isinstance(most, int):
+        source = "length_sampler's longest" if length_sampler is not None else "max_new_tokens"
+        check_lengths(f"{name} + {source} ({most})", [len(q) + most for q in queries], max_length)
+    elif isinstance(generation_kwargs.get("max_length"), int):
+        check_lengths("max_length", [generation_kwargs["max_length"]], max_length)
+
+
 def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
-                      device: torch.device, rollout_logprobs=None, max_length: Optional[int] = None) -> StepInputs:
-    """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`."""
+                      device: torch.device, rollout_logprobs=None, max_length: Optional[int] = None,
+                      rollout_correction: Optional[str] = None) -> StepInputs:
+    """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`;
+    `rollout_logprobs` required by a `rollout_correction`."""
     queries = check_token_list("queries", queries, vocab_size, device, batch_size)
     responses = check_token_list("responses", responses, vocab_size, device, batch_size)
     check_lengths("queries[{i}] + responses[{i}]", [len(q) + len(r) for q, r in zip(queries, responses)], max_length)
     scores = check_scores(scores, batch_size, device)
     masks = check_response_masks(response_masks, responses, device)
     rollout_logprobs = check_rollout_logprobs(rollout_logprobs, responses, device)
+    if rollout_correction is not None and rollout_logprobs is None:
+        raise ValueError(f"rollout_logprobs: config.rollout_correction={rollout_correction!r} needs the rollout "
+                         "engine's log-probs; pass those of generate(..., return_logprobs=True)")
     return StepInputs(queries, responses, scores, masks, rollout_logprobs)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import ops, sharding
-from ..reference import PPOLossOutput
+from ..op_outputs import PPOLossOutput
 
 
 def minibatch_stats(

@@ -4,22 +4,25 @@
 and `gather_stats` (on several processes), so overriding one of them changes what `step` does,
 as in TRL. `batched_forward_pass`, `loss` and `train_minibatch` take and return what TRL's do,
 but `step` trains through its own fused path (no `[B, T, V]` logits), so overriding them does
-not reach `step`: PPOTrainer warns at construction when a subclass does. The math of each goes
-through `fastppo.ops`, the same implementation `step` uses.
+not reach `step`: PPOTrainer warns at construction when a subclass does. Each is a thin layer over
+what `step` runs: `batched_forward_pass` goes through the trainer's `ForwardPlan`, `loss` through
+the same loss and ratio guard as the PPO epochs, `train_minibatch` and `_early_stop` through its
+`PPOEpochs` (so through the non-finite guard), the math through `fastppo.ops`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .. import core, ops
-from ..models import heads
-from . import inputs, padding, stats as step_statistics
+from .. import core, ops, sharding
+from . import checks, inputs, padding, ppo_epochs, step_guard
+from . import stats as step_statistics
 
 # What step does not call: a subclass overriding one of these gets a warning at construction.
 NOT_CALLED_BY_STEP = ("batched_forward_pass", "loss", "train_minibatch")
@@ -32,7 +35,7 @@ class TRLMethods:
 
     @property
     def is_distributed(self) -> bool:
-        return self.config.world_size > 1
+        return sharding.world_size(self.accelerator) > 1
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -45,10 +48,26 @@ class TRLMethods:
 
     @property
     def optional_peft_ctx(self):
-        """A callable giving the context that turns the policy into the reference (PEFT: adapter disabled)."""
+        """A callable giving the context that turns the policy into the reference (PEFT: adapter disabled);
+        `step` and `generate(generate_ref_response=True)` use it too."""
         if self.is_peft_model:
             return self.unwrapped_model.pretrained_model.disable_adapter
         return contextlib.nullcontext
+
+    def prepare_dataloader(self, dataset, data_collator: Optional[Callable] = None, model=None):
+        """A shuffled DataLoader of `config.batch_size` items (last partial batch dropped), as TRL's.
+
+        A Hugging Face `datasets.Dataset` first loses the columns that neither the model's
+        forward takes nor "label", "query" or "response" name, when `config.remove_unused_columns`.
+        """
+        if self.config.remove_unused_columns and hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns"):
+            forward = (model if model is not None else self.unwrapped_model).forward
+            keep = set(inspect.signature(forward).parameters) | {"label", "query", "response"}
+            unused = [name for name in dataset.column_names if name not in keep]
+            if unused:
+                dataset = dataset.remove_columns(unused)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.config.batch_size, collate_fn=data_collator,
+                                           shuffle=True, drop_last=True)
 
     def _warn_unreached_overrides(self) -> None:
         for name in NOT_CALLED_BY_STEP:
@@ -87,24 +106,16 @@ class TRLMethods:
         input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
         masks = padding.response_mask(attention_mask, [len(q) for q in queries], [len(r) for r in responses],
                                       response_masks)
-        unwrapped = self.accelerator.unwrap_model(model)
         model.eval()
         parts = {"logprobs": [], "logits": [], "values": []}
         chunk = self.config.mini_batch_size
         for start in range(0, input_ids.shape[0], chunk):
             rows = slice(start, start + chunk)
-            if return_logits:
-                logits, _, values = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows])
-                logits = logits[:, :-1]
-                parts["logits"].append(logits)
-                parts["logprobs"].append(ops.logprobs_from_logits(logits, input_ids[rows, 1:],
-                                                                  backend=self.config.backend))
-                parts["values"].append(values[:, :-1])
-            else:
-                out = heads.token_outputs(model, unwrapped, input_ids[rows], attention_mask[rows], masks[rows],
-                                          self.head_mode, self.config.backend)
-                parts["logprobs"].append(out.logprobs)
-                parts["values"].append(out.values)
+            batch = self.forward_plan.prepare(input_ids[rows], attention_mask[rows], masks[rows], pack=False)
+            out = self.forward_plan.forward(model, batch, keep_logits=return_logits)
+            parts["logprobs"].append(out.logprobs)
+            parts["values"].append(out.values)
+            parts["logits"].append(out.logits)
         logits = torch.cat(parts["logits"]) if return_logits else None
         return torch.cat(parts["logprobs"]), logits, torch.cat(parts["values"]).float(), masks
 
@@ -159,13 +170,12 @@ class TRLMethods:
         ("loss/policy", "policy/ratio", "val/error", ...). A mini-batch whose mean ratio exceeds
         `ratio_threshold` has its losses zeroed, with a warning. `logits` `[B, T, V]` give the entropy."""
         config = self.config
-        out = ops.ppo_loss(logprobs, old_logprobs, vpreds, values, advantages, returns, mask, config.cliprange,
-                           config.cliprange_value, config.vf_coef, backend=config.backend, dual_clip=config.dual_clip)
-        ratio_mean = float(out.ratio_mean)
-        if ratio_mean > config.ratio_threshold:
-            warnings.warn(f"mean ratio {ratio_mean:.2f} of this mini-batch exceeds ratio_threshold="
+        out = ppo_epochs.ppo_loss_for(config, logprobs, old_logprobs, vpreds, values, advantages, returns, mask)
+        skip = ppo_epochs.ratio_spikes(out.ratio_mean, config.ratio_threshold)
+        if bool(skip):  # TRL warns per mini-batch: a host read `step` itself does not make
+            warnings.warn(f"mean ratio {float(out.ratio_mean):.2f} of this mini-batch exceeds ratio_threshold="
                           f"{config.ratio_threshold:.2f}; its loss is zeroed")
-            out = out._replace(loss=out.loss * 0.0, pg_loss=out.pg_loss * 0.0, vf_loss=out.vf_loss * 0.0)
+        out = ppo_epochs.zero_losses(out, skip)
         with torch.no_grad():
             entropy = core.entropy_from_logits(logits)
             stats = step_statistics.minibatch_stats(out, entropy, advantages, returns, values, mask, config.vf_coef)
@@ -174,15 +184,14 @@ class TRLMethods:
         return out.pg_loss, config.vf_coef * out.vf_loss, stats
 
     def train_minibatch(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns) -> dict:
-        """One optimizer step on `loss` of outputs the caller computed with gradient; returns its stats."""
+        """One optimizer step on `loss` of outputs the caller computed with gradient; returns its stats. The step
+        goes through the non-finite guard, as inside `step`: non-finite log-probs, values, loss or gradients
+        skip it (weights and optimizer state untouched) with a warning."""
         self.model.train()
         loss_p, loss_v, train_stats = self.loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
                                                 returns)
-        self.accelerator.backward(loss_p + loss_v)
-        if self.config.max_grad_norm is not None and self.accelerator.sync_gradients:
-            self.accelerator.clip_grad_norm_(self.model_params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        loss = loss_p + loss_v
+        self.ppo_epochs.apply(loss, step_guard.output_flags(logprobs, vpreds, mask, loss))
         return train_stats
 
     def record_step_stats(self, kl_coef: float, **data) -> dict:
@@ -210,7 +219,7 @@ class TRLMethods:
 
     def _early_stop(self, policykl: torch.Tensor) -> bool:
         """True (and gradients zeroed) when early_stopping is on and the policy KL passed 1.5 × target_kl."""
-        return bool(self.config.early_stopping) and self._should_stop_early(policykl)
+        return bool(self.config.early_stopping) and self.ppo_epochs.should_stop_early(policykl)
 
     def _step_safety_checker(self, batch_size: int, queries: list, responses: list, scores, masks=None):
         """Check and move the step's inputs as `step` does: `(queries, responses, scores, masks)` on the device."""
@@ -218,12 +227,54 @@ class TRLMethods:
                                          self.current_device)
         return batch.queries, batch.responses, list(batch.scores), batch.response_masks
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ saving and logging
+
+    def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> None:
+        """Send `stats` plus `env/reward_*` to accelerate's trackers (when `config.log_with` is set)."""
+        if not isinstance(rewards, torch.Tensor):
+            rewards = torch.tensor([float(r) for r in rewards])
+        rewards = self.accelerator.gather(rewards.float().to(self.current_device)).flatten()
+        if not self.accelerator.is_main_process:
+            return
+        logs = dict(stats)
+        if self.config.log_with == "wandb" and all(column in batch for column in columns_to_log):
+            import wandb
+
+            rows = [list(row) for row in zip(*[batch[c] for c in columns_to_log], rewards.cpu().tolist())]
+            logs["game_log"] = wandb.Table(columns=[*columns_to_log, "reward"], rows=rows)
+        logs["env/reward_mean"] = rewards.mean().item()
+        logs["env/reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
+        logs["env/reward_dist"] = rewards.cpu().numpy()
+        if self.config.log_with == "tensorboard":
+            self.current_step += 1
+        self.accelerator.log(logs, step=self.current_step if self.config.log_with == "tensorboard" else None)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Save the policy (value head included) and the tokenizer to `save_directory`, from the main process.
+
+        Call it on every process: under ZeRO-3/FSDP2 the weights are gathered (one module at a time)
+        into one consolidated checkpoint that plain transformers loads. Refuses NaN/inf weights.
+        """
+        if self.is_peft_model:  # PEFT saves the adapter itself; under ZeRO-3 from fully gathered weights
+            with sharding.gathered(self.accelerator, self.model):
+                if self.accelerator.is_main_process:
+                    checks.refuse_nonfinite(self.unwrapped_model.named_parameters())
+                    self._save_pretrained(save_directory)
+        else:
+            state = sharding.full_state_dict(self.accelerator, self.model)
+            if self.accelerator.is_main_process:
+                checks.refuse_nonfinite(state.items())
+                self._consolidated_state = state  # what _save_pretrained writes, whoever overrides it
+                try:
+                    self._save_pretrained(save_directory)
+                finally:
+                    self._consolidated_state = None
+        self.accelerator.wait_for_everyone()
 
     def _save_pretrained(self, save_directory: str) -> None:
         """Write the policy (value head included) and the tokenizer: what `save_pretrained` runs on the main
         process once the weights are gathered. Override it to save more."""
-        self.unwrapped_model.save_pretrained(save_directory, state_dict=getattr(self, "_state_to_save", None))
+        self.unwrapped_model.save_pretrained(save_directory, state_dict=getattr(self, "_consolidated_state", None))
         self.tokenizer.save_pretrained(save_directory)
 
     def push_to_hub(self, repo_id: str, commit_message: str = "Push model using huggingface_hub.",

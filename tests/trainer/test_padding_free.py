@@ -8,6 +8,7 @@ import torch
 from conftest import assert_same_training, make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from fastppo.training import packing
+from fastppo.training.forward_plan import ForwardPlan
 
 SGD_WEIGHTS = dict(atol=1e-5, rtol=1e-4)  # SGD: float noise stays float noise in the weights
 
@@ -68,13 +69,13 @@ def test_token_budget_micro_batches_change_nothing(gpt2_dir, tokenizer, padding_
     switches = dict(padding_free=padding_free, ratio_threshold=ratio_threshold)
     baseline = _train(gpt2_dir, tokenizer, **switches)
     fed = []  # tokens of every training/rollout forward pass
-    forward = PPOTrainer._forward
+    forward = ForwardPlan.forward
 
-    def recording(self, model, input_ids, attention_mask, mask, return_entropy=False, packed=None):
-        fed.append((packed.input_ids.numel() if packed is not None else input_ids.numel(), input_ids.shape[0]))
-        return forward(self, model, input_ids, attention_mask, mask, return_entropy, packed)
+    def recording(self, model, batch, return_entropy=False, keep_logits=False):
+        fed.append((batch.input_ids.numel(), batch.rows))  # packed: one row of the real tokens
+        return forward(self, model, batch, return_entropy, keep_logits)
 
-    monkeypatch.setattr(PPOTrainer, "_forward", recording)
+    monkeypatch.setattr(ForwardPlan, "forward", recording)
     budgeted = _train(gpt2_dir, tokenizer, max_tokens_per_microbatch=40, **switches)
     assert all(tokens <= 40 or rows == 1 for tokens, rows in fed)  # a longer row goes alone
     assert any(rows == 1 for _, rows in fed)  # mini-batches of 2 rows were split
@@ -91,9 +92,9 @@ def test_token_budget_groups_rows_in_order_and_a_long_row_alone(gpt2_dir, tokeni
     attention_mask = torch.zeros(4, 60, dtype=torch.long)
     for row, length in enumerate(lengths):
         attention_mask[row, :length] = 1
-    assert trainer._rollout_chunks(attention_mask) == [slice(0, 2), slice(2, 3), slice(3, 4)]
-    trainer.config.padding_free = False  # padded rows each cost the batch's width (60): one row per pass
-    assert trainer._rollout_chunks(attention_mask) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4)]
+    assert trainer.forward_plan.rollout_slices(attention_mask) == [slice(0, 2), slice(2, 3), slice(3, 4)]
+    trainer.forward_plan.padding_free = False  # padded rows each cost the batch's width (60): one row per pass
+    assert trainer.forward_plan.rollout_slices(attention_mask) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4)]
 
 
 def test_pack_and_unpack_place_every_position():

@@ -294,10 +294,10 @@ def test_generate_leaves_the_model_mode_alone(gpt2_dir, tokenizer):
 
 
 def test_optimize_device_cache_clears_after_each_pass(gpt2_dir, tokenizer, monkeypatch):
-    import fastppo.trainer as trainer_module
+    import fastppo.training.forward_plan as forward_plan_module
 
     calls = []
-    monkeypatch.setattr(trainer_module, "clear_device_cache", lambda garbage_collection: calls.append(1))
+    monkeypatch.setattr(forward_plan_module, "clear_device_cache", lambda garbage_collection: calls.append(1))
     trainer = make_trainer(gpt2_dir, tokenizer, optimize_device_cache=True, ppo_epochs=1)
     trainer.step(*make_batch(tokenizer, 4))
     assert len(calls) == 2 + 2  # two rollout chunks, two mini-batches

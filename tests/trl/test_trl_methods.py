@@ -196,6 +196,44 @@ def test_public_phases_reproduce_step():
         torch.testing.assert_close(value, want[key], msg=lambda m: f"{key}: {m}", **WEIGHTS)
 
 
+@pytest.mark.parametrize("poison", ["values", "gradients"])
+def test_train_minibatch_skips_a_non_finite_step_as_step_does(poison):
+    """TRL-style code calling train_minibatch goes through the non-finite guard: a NaN value (or gradient)
+    leaves the weights and the optimizer state as they were, with a warning; a finite call then steps."""
+    data = METHODS["forward"]["data"]
+    queries, responses = data["queries"], data["responses"]
+    trainer = _trainer(ppo_epochs=1, mini_batch_size=4)
+    inputs = trainer.prepare_model_inputs(queries, responses)
+    with torch.no_grad():
+        old_logprobs, _, old_values, masks = trainer.batched_forward_pass(trainer.model, queries, responses, inputs)
+        rewards, _, _ = trainer.compute_rewards(torch.stack(data["scores"]), old_logprobs, old_logprobs, masks)
+        values, advantages, returns = trainer.compute_advantages(old_values, rewards, masks)
+
+    hooks = []
+
+    def train(poisoned: bool):
+        logprobs, logits, vpreds, _ = trainer.batched_forward_pass(trainer.model, queries, responses, inputs,
+                                                                   return_logits=True)
+        if poisoned and poison == "values":
+            vpreds = vpreds + torch.where(masks.bool(), torch.nan, 0.0)
+        if poisoned and poison == "gradients":  # finite outputs, a NaN gradient reaching one weight
+            hooks.append(trainer.unwrapped_model.v_head.summary.weight.register_hook(lambda grad: grad * torch.nan))
+        return trainer.train_minibatch(old_logprobs, values, logprobs, logits, vpreds, masks, advantages, returns)
+
+    weights = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+    with pytest.warns(UserWarning, match="optimizer step skipped for non-finite values"):
+        train(poisoned=True)
+    for key, value in trainer.unwrapped_model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert all(not state or float(state["step"]) == 0 for state in trainer.optimizer.state.values())
+    for hook in hooks:
+        hook.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(poisoned=False)
+    assert not torch.equal(trainer.unwrapped_model.v_head.summary.weight, weights["v_head.summary.weight"])
+
+
 # ---------------------------------------------------------------------- the tokenizer's padding side
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

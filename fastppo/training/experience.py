@@ -1,0 +1,59 @@
+"""What one `step` learns from: the padded batch, the rollout's no-grad outputs, and the experience record.
+
+Position t of every `[B, L-1]` grid stands for the prediction of token t+1 of the `[B, L]` rows
+(see `fastppo.training.padding`). The phases hand these records to one another instead of
+positional tuples: `PaddedBatch` → rollout forward → `Rollout` → rewards and advantages →
+`Experience` → PPO epochs, which train on `Experience.select(rows)` mini-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+
+class PaddedBatch(NamedTuple):
+    """The step's query + response rows as the model reads them."""
+
+    input_ids: torch.Tensor  # [B, L] int64, pads = the tokenizer's pad token
+    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
+    mask: torch.Tensor  # [B, L-1] int64: 1 where position t predicts a trained response token
+
+
+class Rollout(NamedTuple):
+    """What the no-grad forward passes over the whole batch produce; all `[B, L-1]`."""
+
+    logprobs: torch.Tensor  # float32: the policy's log-prob of token t+1 at position t
+    ref_logprobs: torch.Tensor  # float32: the reference's
+    values: torch.Tensor  # float32: the value head's
+    full_kl: Optional[torch.Tensor]  # float32 exact KL per position, for kl_penalty="full" (else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experience:
+    """The per-token tensors the PPO epochs train on, for B rows.
+
+    `input_ids`, `attention_mask` `[B, L]` are the rows the training forward reads again; the rest
+    are `[B, L-1]` on the same grid, float32 but `mask`. Old log-probs and values come from the
+    rollout; `old_values` are masked (0 off the response), as TRL's. `rollout_logprobs` are the
+    rollout engine's own log-probs, set only for `rollout_correction="tis"`.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    rollout_logprobs: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: Union[slice, torch.Tensor]) -> "Experience":
+        """The same record for some rows: a slice, or an index tensor (a shuffled mini-batch)."""
+        return Experience(**{field.name: None if (value := getattr(self, field.name)) is None else value[rows]
+                             for field in dataclasses.fields(self)})

@@ -1,0 +1,159 @@
+"""The optimisation phase of `step`: `ppo_epochs` passes over shuffled mini-batches of the step's `Experience`.
+
+Per mini-batch: the training forward (through the `ForwardPlan`: packed or padded, whole or in
+token-budget micro-batches), the PPO loss, TRL's ratio guard, the backward and one optimizer step
+through the `StepGuard`. TRL runs this forward in eval mode, so dropout never applies; gradient
+checkpointing needs train mode, so with it dropout was disabled at construction instead.
+
+`ppo_loss_for`, `ratio_spikes` and `zero_losses` are the one statement of the loss with the config's settings and
+of TRL's loss-spike guard; TRL's public `loss` and `train_minibatch` use them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+import torch
+
+from .. import ops, sharding
+from ..op_outputs import PPOLossOutput
+from . import microbatch, step_guard
+from . import stats as step_statistics
+from .experience import Experience
+from .forward_plan import ForwardPlan
+
+
+def ppo_loss_for(config, logprobs, old_logprobs, values, old_values, advantages, returns, mask,
+                 rollout_logprobs=None) -> PPOLossOutput:
+    """`ops.ppo_loss` with the config's clip ranges, value coefficient, dual clip, TIS cap and backend (`[b, T]`)."""
+    return ops.ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, config.cliprange,
+                        config.cliprange_value, config.vf_coef, backend=config.backend, dual_clip=config.dual_clip,
+                        rollout_logprobs=rollout_logprobs, rollout_is_cap=config.rollout_is_cap)
+
+
+def ratio_spikes(ratio_mean: torch.Tensor, threshold: float) -> torch.Tensor:
+    """TRL's loss-spike guard: whether a mini-batch's mean ratio exceeds `ratio_threshold` (0-d bool, decided on
+    the device: no host read). Such a mini-batch's losses are zeroed (`zero_losses`)."""
+    return ratio_mean > threshold
+
+
+def zero_losses(out: PPOLossOutput, skip: torch.Tensor) -> PPOLossOutput:
+    """`out` with loss, pg_loss and vf_loss zeroed where `skip` (0-d bool) is set."""
+    keep = (~skip).float()
+    return out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
+
+
+class PPOEpochs:
+    """The PPO epochs of one trainer: its (accelerate-prepared) model and optimizer, forward plan and guard."""
+
+    def __init__(self, config, accelerator, model, optimizer, plan: ForwardPlan, guard: step_guard.StepGuard):
+        self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
+        self.plan, self.guard = plan, guard
+
+    def run(self, experience: Experience) -> tuple:
+        """Train on `experience` (`config.batch_size` rows): the mini-batches' stats stacked (TRL's `train_stats`
+        layout, see `record_step_stats`) and the `fastppo/*` counters. Mini-batches whose optimizer step was
+        skipped for non-finite values are left out of the stats."""
+        config = self.config
+        per_minibatch, skips, early_stopped = [], [], False
+        self.guard.begin()
+        for _ in range(config.ppo_epochs):
+            order = np.random.permutation(config.batch_size)
+            for start in range(0, config.batch_size, config.mini_batch_size):
+                rows = torch.as_tensor(order[start:start + config.mini_batch_size], device=experience.mask.device)
+                with self.accelerator.accumulate(self.model):
+                    stats, skip = self.train_minibatch(experience.select(rows), len(per_minibatch))
+                per_minibatch.append(stats)
+                skips.append(skip)
+                self.plan.release_cache()
+            if config.early_stopping and self.should_stop_early(per_minibatch[-1]["policy/policykl"]):
+                early_stopped = True
+                break
+        n_skipped = sum(self.guard.settle(torch.stack(skips)))  # the step's one read of these
+        if n_skipped:
+            warnings.warn(f"{n_skipped} mini-batch(es) had a mean ratio above ratio_threshold="
+                          f"{config.ratio_threshold}; their loss was zeroed")
+        if self.guard.skipped and self.guard.steps:
+            warnings.warn(f"{len(self.guard.skipped)} optimizer step(s) skipped for non-finite values (first: "
+                          f"{self.guard.first_skip()}); the weights and optimizer state did not take them, and the "
+                          "ppo/* statistics leave those mini-batches out")
+            left_out = self.guard.skipped_minibatches()
+            per_minibatch = [stats for index, stats in enumerate(per_minibatch) if index not in left_out]
+        counters = {
+            "fastppo/optimizer_steps": float(self.guard.steps),
+            "fastppo/skipped_minibatches": float(n_skipped),
+            "fastppo/skipped_nonfinite": float(len(self.guard.skipped)),
+            "fastppo/early_stopped": float(early_stopped),
+        }
+        return step_statistics.stack_minibatch_stats(per_minibatch), counters
+
+    def train_minibatch(self, experience: Experience, index: int) -> tuple:
+        """Forward, loss, backward and the guarded optimizer step of mini-batch `index`: (stats, ratio-guard skip).
+
+        With token-budget micro-batches each one's loss is weighted by its share of the response tokens
+        and the gradients all-reduce once, after the last. TRL's ratio guard needs the whole mini-batch's
+        mean ratio before any backward, so a split mini-batch finds it in a no-grad pass first.
+        """
+        config = self.config
+        self.model.train(config.gradient_checkpointing)
+        micro = self.plan.micro_batches(experience.attention_mask, experience.mask)
+        skip = None
+        if len(micro) > 1:
+            with torch.no_grad():
+                ratio_mean = sum(weight * self.loss(experience.select(rows))[0].ratio_mean for rows, weight in micro)
+            skip = ratio_spikes(ratio_mean, config.ratio_threshold)
+        outs, entropies, flags, backward_ran = [], [], None, True
+        for position, (rows, weight) in enumerate(micro):
+            last = position == len(micro) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                out, entropy, part_flags = self.loss(experience.select(rows))
+                if skip is None:  # one pass: its own mean ratio decides
+                    skip = ratio_spikes(out.ratio_mean, config.ratio_threshold)
+                flags = part_flags if flags is None else flags | part_flags
+                if self.guard.backward_allowed(part_flags, index):  # (False only under DeepSpeed: no micro-batches)
+                    self.accelerator.backward(out.loss * (weight * (~skip).float()))
+                else:
+                    backward_ran = False
+            outs.append(out)
+            entropies.append(entropy.detach())
+        if len(outs) > 1:
+            out, entropy = microbatch.combine_loss_outputs(outs, [weight for _, weight in micro]), torch.cat(entropies)
+        out = zero_losses(out, skip)
+        if backward_ran:
+            self.guard.optimizer_step(flags, index)
+        with torch.no_grad():
+            stats = step_statistics.minibatch_stats(out, entropy, experience.advantages, experience.returns,
+                                                    experience.old_values, experience.mask, config.vf_coef)
+        return stats, skip
+
+    def loss(self, experience: Experience) -> tuple:
+        """The training forward and the PPO loss of some rows: (PPOLossOutput, entropy `[b, L-1]`, non-finite flags)."""
+        batch = self.plan.prepare(experience.input_ids, experience.attention_mask, experience.mask)
+        logprobs, entropy, values, _ = self.plan.forward(self.model, batch, return_entropy=True)
+        out = ppo_loss_for(self.config, logprobs, experience.old_logprobs, values.float(), experience.old_values,
+                       experience.advantages, experience.returns, experience.mask, experience.rollout_logprobs)
+        return out, entropy, step_guard.output_flags(logprobs, values, experience.mask, out.loss)
+
+    def apply(self, loss: torch.Tensor, flags: torch.Tensor) -> None:
+        """Backward and one guarded optimizer step for a loss computed outside `run` (TRL's `train_minibatch`):
+        a non-finite step is skipped with a warning, as inside `step`."""
+        before = len(self.guard.skipped)
+        if self.guard.backward_allowed(flags, 0):
+            self.accelerator.backward(loss)
+            self.guard.optimizer_step(flags, 0)
+        self.guard.settle()
+        if len(self.guard.skipped) > before:
+            warnings.warn(f"optimizer step skipped for non-finite values ({step_guard.describe(*self.guard.skipped[-1])});"
+                          " the weights and optimizer state did not take it")
+
+    def should_stop_early(self, policykl: torch.Tensor) -> bool:
+        """True (and gradients zeroed) when the policy KL (averaged over processes) passed 1.5 × target_kl."""
+        policykl = policykl.detach().float()
+        if sharding.world_size(self.accelerator) > 1:
+            policykl = self.accelerator.reduce(policykl.to(self.accelerator.device), "mean")
+        if float(policykl) > 1.5 * self.config.target_kl:
+            self.optimizer.zero_grad()
+            return True
+        return False
