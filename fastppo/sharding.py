@@ -9,7 +9,7 @@ accelerate wraps the policy (`prepare`); these helpers cover what it leaves to t
 - full weights for the moments that need them: sampling (`gathered`) and a consolidated
   checkpoint (`full_state_dict`, one module's parameters gathered at a time);
 - the checkpoint key layout FSDP2's sharded `save_state` needs (`checkpoint_layout`);
-- the process count from torch.distributed (`world_size`, the one count every part of fastppo uses),
+- the process count (`world_size`, the one count the trainer and its phases use): torch.distributed's,
   which DeepSpeed initialises even where accelerate's own state says one process (a machine without
   GPUs).
 """

@@ -122,7 +122,7 @@ class VLLMEngine:
             model=self._config_dir.name,
             load_format="dummy",
             skip_tokenizer_init=True,
-            generation_config="vllm",  # every sampling setting comes from fastppo.sampling
+            generation_config="vllm",  # every sampling setting comes from fastppo.rollout.sampling
             dtype=_dtype_name(next(lm.parameters()).dtype),
             seed=self.seed,
         )

@@ -100,7 +100,8 @@ class ForwardPlan:
         packed = packing.pack(input_ids, attention_mask, mask)
         return Pass(packed.input_ids, None, packed.mask, packed)
 
-    def forward(self, model, batch: Pass, return_entropy: bool = False, keep_logits: bool = False) -> heads.TokenOutputs:
+    def forward(self, model, batch: Pass, return_entropy: bool = False,
+                keep_logits: bool = False) -> heads.TokenOutputs:
         """Run `model` (possibly accelerate-wrapped) on the pass: log-probs, entropies (if asked) and values
         on the rows' `[b, L-1]` grid; `logits` as the LM-head path computed them, at the pass's positions.
         `keep_logits`: the full `[b, L-1, V]` logits as TRL's model returns them, whatever the configured path."""

@@ -145,8 +145,9 @@ class PPOEpochs:
             self.guard.optimizer_step(flags, 0)
         self.guard.settle()
         if len(self.guard.skipped) > before:
-            warnings.warn(f"optimizer step skipped for non-finite values ({step_guard.describe(*self.guard.skipped[-1])});"
-                          " the weights and optimizer state did not take it")
+            where = step_guard.describe(*self.guard.skipped[-1])
+            warnings.warn(f"optimizer step skipped for non-finite values ({where}); the weights and optimizer state "
+                          "did not take it")
 
     def should_stop_early(self, policykl: torch.Tensor) -> bool:
         """True (and gradients zeroed) when the policy KL (averaged over processes) passed 1.5 × target_kl."""
