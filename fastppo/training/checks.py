@@ -100,6 +100,7 @@ def check_environment(config, accelerator, model, ref_model, num_shared_layers, 
     if config.max_tokens_per_microbatch is not None and sharding.is_deepspeed(accelerator):
         raise ValueError("max_tokens_per_microbatch: DeepSpeed's engine steps the optimizer after a fixed count "
                          "of backward passes, which token-budget micro-batches vary; leave it None under DeepSpeed")
-    if config.rollout_engine == "vllm" and sharding.world_size(accelerator) > 1:
+    processes = sharding.world_size(accelerator)
+    if config.rollout_engine == "vllm" and processes > 1:
         raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "
-                         f"this run has {sharding.world_size(accelerator)} processes (not supported yet)")
+                         f"this run has {processes} processes (not supported yet)")

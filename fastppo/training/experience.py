@@ -55,5 +55,8 @@ class Experience:
 
     def select(self, rows: Union[slice, torch.Tensor]) -> "Experience":
         """The same record for some rows: a slice, or an index tensor (a shuffled mini-batch)."""
-        return Experience(**{field.name: None if (value := getattr(self, field.name)) is None else value[rows]
-                             for field in dataclasses.fields(self)})
+        selected = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            selected[field.name] = None if value is None else value[rows]
+        return Experience(**selected)

@@ -115,7 +115,8 @@ class TRLMethods:
             out = self.forward_plan.forward(model, batch, keep_logits=return_logits)
             parts["logprobs"].append(out.logprobs)
             parts["values"].append(out.values)
-            parts["logits"].append(out.logits)
+            if return_logits:  # otherwise each pass's logits go as soon as its log-probs are taken
+                parts["logits"].append(out.logits)
         logits = torch.cat(parts["logits"]) if return_logits else None
         return torch.cat(parts["logprobs"]), logits, torch.cat(parts["values"]).float(), masks
 
