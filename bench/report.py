@@ -262,13 +262,17 @@ def step_section(rows, longest, skips) -> list:
     model = sample.get("model", {})
     if rows:
         info = rows[0]["extra_info"]
+        has_mfu = any(r["extra_info"].get("mfu") is not None for r in rows)  # older JSON has none
         lines += [f"Llama from a config (no hub): hidden {model.get('hidden')}, {model.get('layers')} layers, "
                   f"{model.get('heads')} heads, vocabulary {model.get('vocab')}, {info.get('dtype')}, "
                   f"{fmt(info.get('parameters', 0) / 1e6)} M parameters; batch {info['shape'][0]}, "
-                  f"{info.get('ppo_epochs')} PPO epoch(s); tokens/s = batch × (query + response) / median step.",
+                  f"{info.get('ppo_epochs')} PPO epoch(s); tokens/s = batch × (query + response) / median step."
+                  + (" MFU = the step's model FLOPs (bench/suites/flops.py: forward × (2 + 3 · PPO epochs)) / "
+                     "median step / the measured matmul rate." if has_mfu else ""),
                   ""]
-        lines += ["| batch × query × response | variant | median ms | tokens/s | × torch | peak MiB |",
-                  "|---|---|---|---|---|---|"]
+        columns = ["batch × query × response", "variant", "median ms", "tokens/s", "× torch"]
+        columns += ["MFU %"] * has_mfu + ["peak MiB"]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         by_length = defaultdict(dict)
         for bench in rows:
             by_length[bench["extra_info"]["seq_len"]][bench["extra_info"]["provider"]] = bench
@@ -280,12 +284,14 @@ def step_section(rows, longest, skips) -> list:
             torch_row = by_length[length].get("torch")
             for name in sorted(by_length[length], key=provider_key):
                 if by_length[length][name] is None:
-                    lines.append(f"| R{length} | {name} | OOM | — | — | — |")
+                    lines.append(f"| R{length} | {name} | OOM |" + " — |" * (len(columns) - 3))
                     continue
                 info = by_length[length][name]["extra_info"]
                 speedup = (info["tokens_per_s"] / torch_row["extra_info"]["tokens_per_s"]) if torch_row else None
-                lines.append(f"| {info['shape_id']} | {name} | {fmt(info['median_ms'])} | "
-                             f"{fmt(info['tokens_per_s'])} | {fmt(speedup)} | {mib(info.get('peak_bytes'))} |")
+                mfu = [fmt(100 * info["mfu"] if info.get("mfu") is not None else None)] * has_mfu
+                row = [info["shape_id"], name, fmt(info["median_ms"]), fmt(info["tokens_per_s"]), fmt(speedup),
+                       *mfu, mib(info.get("peak_bytes"))]
+                lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if longest:
         lines += ["Longest response that fits in device memory (doubling, then bisection to 1/8):", "",

@@ -2,8 +2,9 @@
 
 Variants: "torch" (the reference ops), "triton" (the kernels), "triton-fused" (the kernels with
 `fused_lm_head=True`: log-probs from hidden states, never the [N, V] logits).
-bench_step: tokens per second (B·(query + response) tokens / median step time) and peak
-memory at a few response lengths. bench_step_longest (CUDA): the longest response length
+bench_step: tokens per second (B·(query + response) tokens / median step time), MFU (the
+step's model FLOPs, flops.step_flops, / median step time / the run's measured matmul rate) and
+peak memory at a few response lengths. bench_step_longest (CUDA): the longest response length
 whose step fits in device memory, per backend — doubling from SEARCH_START until the first
 out-of-memory, then bisecting to within 1/8. On CPU both are tiny smokes: the triton backend
 runs under the interpreter (smoke mode only) and host memory is not the limit that matters.
@@ -25,6 +26,7 @@ import torch
 
 import harness
 import machine
+from flops import step_flops
 
 VARIANTS = {  # name → PPOConfig switches
     "torch": dict(backend="torch"),
@@ -73,20 +75,27 @@ def _tokenizer():
                                    unk_token="<unk>")
 
 
-def llama_policy(settings: dict, max_length: int, device: torch.device):
-    """The benchmark's value-head Llama, built from a config (no hub), seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(settings: dict, max_length: int):
+    """The benchmark Llama's config (also what flops.step_flops counts)."""
+    from transformers import LlamaConfig
 
-    from fastppo import AutoModelForCausalLMWithValueHead
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=settings["vocab"], hidden_size=settings["hidden"], intermediate_size=settings["intermediate"],
         num_hidden_layers=settings["layers"], num_attention_heads=settings["heads"],
         num_key_value_heads=settings.get("kv_heads", settings["heads"]), max_position_embeddings=max_length,
         tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=1, pad_token_id=0, attn_implementation="sdpa",
     )
+
+
+def llama_policy(settings: dict, max_length: int, device: torch.device):
+    """The benchmark's value-head Llama, built from a config (no hub), seeded."""
+    from transformers import LlamaForCausalLM
+
+    from fastppo import AutoModelForCausalLMWithValueHead
+
+    torch.manual_seed(0)
+    config = llama_config(settings, max_length)
     with torch.device(device):
         base = LlamaForCausalLM(config).to(settings["dtype"])
     return AutoModelForCausalLMWithValueHead(base)
@@ -132,8 +141,10 @@ def bench_step(benchmark, bench_env, settings, backend, response_length):
     batch = _batch(settings, response_length, device)
     median_s = time_steps(benchmark, bench_env, lambda: _build_trainer(settings, backend, total_length, device),
                           batch, settings["rounds"])
+    flops = step_flops(llama_config(settings, total_length), settings["batch_size"], total_length, PPO_EPOCHS)
     info.update(median_ms=median_s * 1e3, tokens_per_s=tokens / median_s, timer="host_rounds",
-                rounds=settings["rounds"])
+                rounds=settings["rounds"], flops=flops,
+                mfu=flops / median_s / (bench_env.ceilings["matmul_TFLOPs"] * 1e12))
 
 
 def time_steps(benchmark, bench_env, build, batch, rounds: int) -> float:

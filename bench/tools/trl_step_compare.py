@@ -1,0 +1,365 @@
+"""fastppo's `PPOTrainer.step` against TRL 0.11.4's on CPU: the same model, config and batches, alternating runs.
+
+    python bench/tools/trl_step_compare.py --trl-python /tmp/trl011/bin/python --rounds 3 --steps 10
+    python bench/tools/trl_step_compare.py ... --profile          # then one cProfile'd worker per library
+    python bench/tools/trl_step_compare.py ... --append bench/results/cpu/measurements.md
+
+The scenario is tests/trl/test_trl_parity.py's: the tiny GPT-2 of tests/data/trl_parity/init (vocab 64,
+2 layers, n_embd 32) with its value head and tokenizer, loaded with eager attention, a reference model
+loaded separately from the same folder, one intra-op thread; PPOConfig(batch_size=6, mini_batch_size=2,
+ppo_epochs=4, learning_rate=1e-3, seed=0); fixed random batches of queries and responses of 3-12 tokens
+and fixed scores. TRL 0.11.4 needs its own environment (docs/trl-compatibility.md,
+/work/shared/trl-0.11-env.md), so each library runs in its own process:
+
+    python bench/tools/trl_step_compare.py --worker fastppo|trl --steps N --json OUT [--profile]
+
+builds the trainer once, runs 2 warm-up steps, times N steps (time.perf_counter around trainer.step,
+and the process's CPU time, steadier on a shared machine) and writes the per-step seconds to OUT.
+This file is run by both interpreters: the scenario lines below import only torch and transformers,
+and the TRL worker imports nothing from fastppo (it checks).
+
+The driver (the default mode) starts `--rounds` pairs of workers, fastppo then TRL, so that drift hits
+both; each run's figure is its median step, and each library's the median over its runs. Workers run
+with OMP_NUM_THREADS=1 and TOKENIZERS_PARALLELISM=false, fastppo's with FASTPPO_BACKEND=torch (the
+reference ops; under the Triton interpreter the kernels would be far slower on CPU). `--profile` runs
+one more worker per library under cProfile (outside the timed rounds: the profiler slows Python code
+much more than native code) and prints each one's top functions by cumulative and by own time, per step;
+`--profile-out DIR` keeps their raw pstats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "data" / "trl_parity"
+CONFIG = dict(batch_size=6, mini_batch_size=2, ppo_epochs=4, learning_rate=1e-3, seed=0)
+TOKENS = (3, 12)  # query and response lengths, inclusive
+VOCAB = 64  # the tiny model's; ids 0 (<pad>) and 1 (<eos>) are never drawn
+N_BATCHES = 4  # distinct batches, cycled through
+WARMUP = 2
+DEFAULT_TRL_PYTHON = "/tmp/trl011/bin/python"
+
+
+# ---------------------------------------------------------------------------------------------- the scenario
+
+
+def batches(n: int = N_BATCHES) -> list:
+    """n fixed batches of (queries, responses, scores): the same in both interpreters (torch's CPU generator)."""
+    import torch
+
+    out = []
+    for b in range(n):
+        g = torch.Generator().manual_seed(2000 + b)
+        queries, responses, scores = [], [], []
+        for _ in range(CONFIG["batch_size"]):
+            q_len, r_len = (int(torch.randint(TOKENS[0], TOKENS[1] + 1, (1,), generator=g)) for _ in range(2))
+            queries.append(torch.randint(2, VOCAB, (q_len,), generator=g, dtype=torch.int64))
+            responses.append(torch.randint(2, VOCAB, (r_len,), generator=g, dtype=torch.int64))
+            scores.append(torch.randn((), generator=g, dtype=torch.float32))
+        out.append((queries, responses, scores))
+    return out
+
+
+def build_trainer(library: str):
+    """The trainer of `library` ("fastppo" or "trl") on the parity tests' model, with a separate reference."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    if library == "fastppo":
+        from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    elif library == "trl":
+        from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    else:
+        raise ValueError(f"library must be fastppo or trl, got {library!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(DATA / "tokenizer"))
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(str(DATA / "init"), attn_implementation="eager")
+    ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(str(DATA / "init"), attn_implementation="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no dataset; TRL's deprecation notices
+        config = PPOConfig(**CONFIG)
+        return PPOTrainer(config=config, model=model, ref_model=ref_model, tokenizer=tokenizer)
+
+
+def versions(library: str) -> dict:
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    if library == "trl":
+        import accelerate
+        import trl
+
+        out.update(trl=trl.__version__, accelerate=accelerate.__version__)
+    else:
+        import accelerate
+
+        out.update(accelerate=accelerate.__version__)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+
+
+def _short_path(path: str) -> str:
+    """torch/nn/modules/module.py, fastppo/trainer.py, stdlib/email/parser.py: relative to where each lives."""
+    import sysconfig
+
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    for prefix, label in ((str(ROOT), ""), (sysconfig.get_paths()["stdlib"], "stdlib/")):
+        if path.startswith(prefix + os.sep):
+            return label + path[len(prefix) + 1:]
+    return path
+
+
+def _function_name(key) -> str:
+    path, line, name = key
+    if path == "~" or not line:  # built-ins: ('~', 0, "<method 'item' of 'torch._C.TensorBase' objects>")
+        return name
+    return f"{_short_path(path)}:{line}({name})"
+
+
+def _package(key) -> str:
+    """'torch/nn' for torch/nn/modules/module.py, 'fastppo' for fastppo/trainer.py, one bucket for C functions."""
+    if key[0] == "~" or not key[1]:
+        return "(built-in and C functions)"
+    parts = _short_path(key[0]).split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def print_profile(profile, steps: int, library: str, clock: str = "wall", top: int = 30, out=sys.stdout) -> None:
+    """Top functions of the profiled steps by cumulative and by own time, in ms per step; own time per package."""
+    import pstats
+
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (primitive calls, calls, tottime, cumtime, callers)}
+    total = sum(tt for _, _, tt, _, _ in stats.values())
+    print(f"\n### cProfile, {library}: {steps} steps, {1e3 * total / steps:.1f} ms per step of profiled {clock} time",
+          file=out)
+    for title, column in (("cumulative", 3), ("tottime", 2)):
+        print(f"\ntop {top} by {title} (ms per step; calls per step)", file=out)
+        print(f"{'cum ms':>9} {'own ms':>9} {'calls':>8}  function", file=out)
+        rows = sorted(stats.items(), key=lambda item: item[1][column], reverse=True)[:top]
+        for key, (_, calls, tt, ct, _) in rows:
+            print(f"{1e3 * ct / steps:9.2f} {1e3 * tt / steps:9.2f} {calls / steps:8.1f}  {_function_name(key)}",
+                  file=out)
+    packages = {}
+    for key, (_, _, tt, _, _) in stats.items():
+        packages[_package(key)] = packages.get(_package(key), 0.0) + tt
+    print("\nown time by package (ms per step)", file=out)
+    for name, tt in sorted(packages.items(), key=lambda item: item[1], reverse=True)[:15]:
+        print(f"{1e3 * tt / steps:9.2f}  {name}", file=out)
+
+
+def worker(library: str, steps: int, json_out: str | None, profile: bool, profile_out: str | None,
+           profile_clock: str = "wall") -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # also when a worker is started by hand
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if library == "fastppo":
+        os.environ.setdefault("FASTPPO_BACKEND", "torch")
+    import torch
+
+    trainer = build_trainer(library)
+    data = batches()
+
+    def inputs(i):
+        queries, responses, scores = data[i % len(data)]
+        return [q.clone() for q in queries], [r.clone() for r in responses], [s.clone() for s in scores]
+
+    for i in range(WARMUP):
+        trainer.step(*inputs(i))
+    profiler = None
+    if profile:
+        import cProfile
+
+        # "cpu" leaves out time spent waiting for a core on a shared machine, but reads the clock with a
+        # system call per event, which inflates many-call Python code more than the wall clock does
+        profiler = cProfile.Profile(time.process_time) if profile_clock == "cpu" else cProfile.Profile()
+    seconds, cpu_seconds = [], []
+    for i in range(WARMUP, WARMUP + steps):
+        args = inputs(i)
+        if profiler is not None:
+            profiler.enable()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        trainer.step(*args)
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
+        if profiler is not None:
+            profiler.disable()
+    if library == "trl":
+        leaked = sorted(name for name in sys.modules if name == "fastppo" or name.startswith("fastppo."))
+        if leaked:
+            raise RuntimeError(f"the TRL worker imported fastppo: {leaked}")
+    result = {
+        "library": library, "steps_s": seconds, "median_s": statistics.median(seconds),
+        "cpu_steps_s": cpu_seconds, "cpu_median_s": statistics.median(cpu_seconds), "warmup_steps": WARMUP,
+        "profiled": profile, "config": CONFIG, "token_range": list(TOKENS), "torch_threads": torch.get_num_threads(),
+        "versions": versions(library),
+    }
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+    if profiler is not None:
+        print_profile(profiler, steps, library, profile_clock)
+        if profile_out:
+            profiler.dump_stats(profile_out)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+def worker_env(library: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if library == "fastppo":
+        env["FASTPPO_BACKEND"] = "torch"
+    else:  # nothing of fastppo's on the TRL interpreter's path
+        env.pop("PYTHONPATH", None)
+        env.pop("FASTPPO_BACKEND", None)
+    return env
+
+
+def run_worker(python: str, library: str, steps: int, json_out: Path, profile_out: Path | None = None,
+               profile_clock: str = "wall") -> dict:
+    """One worker process; with `profile_out`, under cProfile (its tables printed, its pstats kept there)."""
+    cmd = [python, str(Path(__file__).resolve()), "--worker", library, "--steps", str(steps), "--json", str(json_out)]
+    profile = profile_out is not None
+    if profile:
+        cmd += ["--profile", "--profile-out", str(profile_out), "--profile-clock", profile_clock]
+    result = subprocess.run(cmd, env=worker_env(library), cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{library} worker failed ({' '.join(cmd)}):\n"
+                         f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    if profile:
+        print(result.stdout)
+    return json.loads(json_out.read_text())
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def commit_label() -> str:
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "fastppo", "kernels")
+    return f"{commit} (fastppo/ or kernels/ with uncommitted changes)" if dirty else commit
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def row(wall_ms: dict, cpu_ms: dict, fv: dict, tv: dict, rounds: int, steps: int, trl_python: str) -> str:
+    """The measurements.md row; `wall_ms`, `cpu_ms`: {"fastppo": ms, "trl": ms}, medians of wall and CPU time."""
+    what = "PPOTrainer.step, fastppo vs TRL 0.11.4: median step time (each run's median, then the median over runs)"
+    setting = (f"tiny GPT-2 of tests/data/trl_parity (vocab 64, 2 layers, n_embd 32), eager attention, separate "
+               f"reference; {CONFIG['batch_size']} rows of {TOKENS[0]}–{TOKENS[1]}-token queries and responses, "
+               f"mini-batch {CONFIG['mini_batch_size']}, {CONFIG['ppo_epochs']} PPO epochs; fastppo backend torch; "
+               f"{rounds} alternating runs per library × {steps} steps after {WARMUP} warm-up")
+    figure = (f"fastppo {wall_ms['fastppo']:.1f} ms; TRL {wall_ms['trl']:.1f} ms (fastppo/TRL "
+              f"{wall_ms['fastppo'] / wall_ms['trl']:.2f}×); CPU time fastppo {cpu_ms['fastppo']:.1f} ms, TRL "
+              f"{cpu_ms['trl']:.1f} ms ({cpu_ms['fastppo'] / cpu_ms['trl']:.2f}×)")
+    device = (f"{cpu_name()}, {os.cpu_count()} CPUs, torch threads 1; fastppo: torch {fv['torch']}, transformers "
+              f"{fv['transformers']}, accelerate {fv.get('accelerate')}; TRL: trl {tv.get('trl')}, torch "
+              f"{tv['torch']}, transformers {tv['transformers']}, accelerate {tv.get('accelerate')}")
+    source = (f"`python bench/tools/trl_step_compare.py --trl-python {trl_python} --rounds {rounds} "
+              f"--steps {steps}`")
+    cells = [what, setting, figure, device, commit_label(), source]
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def append_row(path: Path, line: str) -> None:
+    """Insert `line` after the last row of the file's table (the file keeps one table of six columns)."""
+    lines = path.read_text().splitlines()
+    table = [i for i, text in enumerate(lines) if text.startswith("|")]
+    if not table or lines[table[0]].count(" | ") != 5:
+        raise SystemExit(f"{path}: no six-column table to append to")
+    lines.insert(table[-1] + 1, line)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def driver(args) -> None:
+    import tempfile
+
+    fastppo_python, trl_python = args.fastppo_python or sys.executable, args.trl_python
+    if not Path(trl_python).exists():
+        raise SystemExit(f"no TRL interpreter at {trl_python} (see /work/shared/trl-0.11-env.md); pass --trl-python")
+    runs = {"fastppo": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for library, python in (("fastppo", fastppo_python), ("trl", trl_python)):
+                result = run_worker(python, library, args.steps, Path(tmp) / f"{library}-{r}.json")
+                runs[library].append(result)
+                print(f"round {r + 1}/{args.rounds} {library:7s}: median {1e3 * result['median_s']:.1f} ms, CPU "
+                      f"{1e3 * result['cpu_median_s']:.1f} ms (steps "
+                      f"{', '.join(f'{1e3 * s:.0f}' for s in result['steps_s'])} ms)", flush=True)
+        if args.profile:
+            keep = Path(args.profile_out or tmp)
+            keep.mkdir(parents=True, exist_ok=True)
+            for library, python in (("fastppo", fastppo_python), ("trl", trl_python)):
+                run_worker(python, library, args.steps, Path(tmp) / f"{library}-profile.json", keep / f"{library}.prof",
+                           args.profile_clock)
+            if args.profile_out:
+                print(f"raw pstats in {keep}/fastppo.prof and {keep}/trl.prof (python -m pstats FILE)")
+    wall = {library: 1e3 * statistics.median(run["median_s"] for run in runs[library]) for library in runs}
+    cpu = {library: 1e3 * statistics.median(run["cpu_median_s"] for run in runs[library]) for library in runs}
+    fv, tv = runs["fastppo"][0]["versions"], runs["trl"][0]["versions"]
+    print(f"\nmedian step: fastppo {wall['fastppo']:.1f} ms, TRL {wall['trl']:.1f} ms, fastppo/TRL "
+          f"{wall['fastppo'] / wall['trl']:.2f}×; CPU time: fastppo {cpu['fastppo']:.1f} ms, TRL {cpu['trl']:.1f} ms, "
+          f"{cpu['fastppo'] / cpu['trl']:.2f}×\n")
+    header = ("| what | setting (model, shape, batch) | figure | device and versions | commit "
+              "| source (command or script) |")
+    line = row(wall, cpu, fv, tv, args.rounds, args.steps, trl_python)
+    print(header + "\n| --- | --- | --- | --- | --- | --- |\n" + line)
+    if args.append:
+        append_row(Path(args.append), line)
+        print(f"\nappended to {args.append}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=("fastppo", "trl"), help="run one library's timed steps in this process")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after 2 warm-up steps)")
+    parser.add_argument("--json", help="worker: where to write the per-step seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="worker: cProfile the timed steps; driver: one more profiled worker per library")
+    parser.add_argument("--profile-out", help="worker: also dump the raw pstats to this file; driver: keep both "
+                        "profiled workers' pstats in this folder (fastppo.prof, trl.prof)")
+    parser.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
+                        help="cProfile's clock: wall time (default) or this process's CPU time (steadier on a "
+                        "shared machine, but a system call per event inflates many-call code)")
+    parser.add_argument("--rounds", type=int, default=3, help="driver: runs per library, alternating")
+    parser.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON, help="driver: the TRL 0.11.4 environment's python")
+    parser.add_argument("--fastppo-python", help="driver: fastppo's python (default: this one)")
+    parser.add_argument("--append", help="driver: append the markdown row to this measurements.md table")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1")
+    if args.worker:
+        result = worker(args.worker, args.steps, args.json, args.profile, args.profile_out, args.profile_clock)
+        print(f"{args.worker}: median step {1e3 * result['median_s']:.1f} ms over {args.steps} steps")
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()
