@@ -93,9 +93,8 @@ def kl_penalty_rewards(
     rewards = -kl_coef * kl * maskf
     positions = torch.arange(mask.shape[-1], device=mask.device)
     last = torch.where(mask.bool(), positions, -1).amax(-1)  # [B], -1 for an empty row
-    has_token = last >= 0
-    rows = torch.arange(mask.shape[0], device=mask.device)[has_token]
-    rewards[rows, last[has_token]] += scores.float()[has_token]
+    has_token = last >= 0  # an empty row gets no score (added as 0 at column 0: no boolean index, no host read)
+    rewards.scatter_add_(1, last.clamp(min=0)[:, None], torch.where(has_token, scores.float(), 0.0)[:, None])
     return rewards, kl
 
 

@@ -11,19 +11,31 @@ accelerate wraps the policy (`prepare`); these helpers cover what it leaves to t
 - the checkpoint key layout FSDP2's sharded `save_state` needs (`checkpoint_layout`);
 - the process count (`world_size`, the one count the trainer and its phases use): torch.distributed's,
   which DeepSpeed initialises even where accelerate's own state says one process (a machine without
-  GPUs).
+  GPUs);
+- the bare module under accelerate's wrapper (`unwrap`), looked up once per model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from typing import Optional
 
 import torch
 from accelerate.utils import DistributedType
 
 BASE_PREFIX = "pretrained_model."  # AutoModelForCausalLMWithValueHead's submodule; its state_dict drops it
+
+
+def unwrap(accelerator, model):
+    """`accelerator.unwrap_model(model)`, found once per model: accelerate re-checks what is installed on each call
+    (about 1 ms where DeepSpeed is installed: it parses the package's metadata), and a step asks every pass."""
+    cache = accelerator.__dict__.setdefault("_fastppo_unwrapped", {})
+    hit = cache.get(id(model))
+    if hit is None or hit[0]() is not model:
+        hit = cache[id(model)] = (weakref.ref(model), accelerator.unwrap_model(model))
+    return hit[1]
 
 
 def world_size(accelerator) -> int:
@@ -130,7 +142,7 @@ def gathered(accelerator, model):
         yield
         return
     if is_fsdp(accelerator):  # every fully_shard group unsharded and kept so until the end: no collectives
-        modules = _fsdp_modules(accelerator.unwrap_model(model))
+        modules = _fsdp_modules(unwrap(accelerator, model))
         reshard = accelerator.state.fsdp_plugin.reshard_after_forward
         for module in modules:
             module.unshard()
@@ -144,7 +156,7 @@ def gathered(accelerator, model):
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters())):
+    with deepspeed.zero.GatheredParameters(list(unwrap(accelerator, model).parameters())):
         yield
 
 
@@ -154,7 +166,7 @@ def full_state_dict(accelerator, model) -> Optional[dict]:
     Every process must call it. Under ZeRO-3 one module's parameters are gathered at a time,
     so no process holds more than the finished CPU copy and one module's full weights.
     """
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     main = accelerator.is_main_process
     if not shards_parameters(accelerator):
         return {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()} if main else None
@@ -202,7 +214,7 @@ def checkpoint_layout(accelerator, models) -> contextlib.ExitStack:
     if is_fsdp(accelerator):
         for model in models:
             if model is not None:
-                stack.enter_context(accelerator.unwrap_model(model).module_key_layout())
+                stack.enter_context(unwrap(accelerator, model).module_key_layout())
     return stack
 
 

@@ -22,6 +22,7 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+from torch.profiler import record_function
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from transformers import PreTrainedTokenizerBase, set_seed
@@ -139,7 +140,7 @@ class PPOTrainer(TRLMethods):
 
     @property
     def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:
-        return self.accelerator.unwrap_model(self.model)
+        return sharding.unwrap(self.accelerator, self.model)
 
     @property
     def vocab_size(self) -> int:
@@ -236,27 +237,21 @@ class PPOTrainer(TRLMethods):
         is as before the call: gradients cleared, train/eval mode, running score moments, the
         gradient-accumulation phase, KL coefficient, scheduler and counters.
         """
-        self._require_pad_token("step")
-        self._check_config_unchanged()
-        batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
-                                         self.vocab_size, self.current_device, rollout_logprobs,
-                                         max_length=checks.max_positions(self.unwrapped_model),
-                                         rollout_correction=self.config.rollout_correction)
-        with self._restored_on_error():
-            return self._step(batch)
-
-    def _check_config_unchanged(self) -> None:
-        now = self.config.to_dict()
-        changed = sorted(k for k, v in self._config_at_start.items() if now.get(k) != v)
-        if changed:
-            raise ValueError(f"config fields {changed} changed after the PPOTrainer was built, which it does not "
-                             "follow (the optimizer, accelerator and controllers were set up from them); build a new "
-                             "trainer, or set them back")
+        with record_function("fastppo/step"):
+            with record_function("fastppo/check_inputs"):
+                self._require_pad_token("step")
+                checks.check_config_unchanged(self.config, self._config_at_start)
+                batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
+                                                 self.vocab_size, self.current_device, rollout_logprobs,
+                                                 max_length=checks.max_positions(self.unwrapped_model),
+                                                 rollout_correction=self.config.rollout_correction)
+            with self._restored_on_error():
+                return self._step(batch)
 
     @contextlib.contextmanager
     def _restored_on_error(self):
         """On an exception inside step: clear gradients, restore modes, running moments and the accumulation phase."""
-        was_training = self.model.training
+        was_training = self.unwrapped_model.training  # a DeepSpeed engine's own flag does not follow train()/eval()
         running = self.running.state_dict()
         accumulation_phase = self.accelerator.step
         try:
@@ -276,25 +271,26 @@ class PPOTrainer(TRLMethods):
         scores = self._prepare_scores(batch.scores)
         self._push_if_best(scores)
 
-        with _timed(timing, "time/ppo/forward_pass"):
+        with _timed(timing, "time/ppo/forward_pass", "fastppo/rollout_forward"):
             padded = self._pad_batch(batch.queries, batch.responses, batch.response_masks)
-            rollout = self._rollout(*padded)
+            rollout = self._rollout(padded)
             engine_logprobs = None
             if batch.rollout_logprobs is not None:
                 engine_logprobs = padding.place_responses(padded.attention_mask, [len(q) for q in batch.queries],
-                                                          batch.rollout_logprobs)
-        with _timed(timing, "time/ppo/compute_rewards"):
+                                                          batch.rollout_logprobs, padded.starts)
+        with _timed(timing, "time/ppo/compute_rewards", "fastppo/rewards"):
             kl_coef = self.kl_ctl.value
             full_kl = {} if rollout.full_kl is None else {"kl": rollout.full_kl}
             rewards, non_score_reward, kls = self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs,
                                                                   padded.mask, **full_kl)
-        with _timed(timing, "time/ppo/compute_advantages"):
+        with _timed(timing, "time/ppo/compute_advantages", "fastppo/advantages"):
             values, advantages, returns = self.compute_advantages(rollout.values, rewards, padded.mask)
-        with _timed(timing, "time/ppo/optimize_step"):
+        with _timed(timing, "time/ppo/optimize_step", "fastppo/optimize"):
             self.rollout_engine.weights_changed()  # from here on the policy may move
-            experience = Experience(*padded, old_logprobs=rollout.logprobs, old_values=values, advantages=advantages,
-                                    returns=returns, rollout_logprobs=engine_logprobs
-                                    if self.config.rollout_correction == "tis" else None)
+            experience = Experience(padded.input_ids, padded.attention_mask, padded.mask, old_logprobs=rollout.logprobs,
+                                    old_values=values, advantages=advantages, returns=returns,
+                                    rollout_logprobs=engine_logprobs if self.config.rollout_correction == "tis"
+                                    else None, lengths=padded.lengths)
             train_stats, optimisation = self.ppo_epochs.run(experience)
         if optimisation["fastppo/skipped_nonfinite"] and not optimisation["fastppo/optimizer_steps"]:
             raise FloatingPointError(self.ppo_epochs.guard.failure_message(self.unwrapped_model, [
@@ -302,17 +298,20 @@ class PPOTrainer(TRLMethods):
                 ("reference log-probs", rollout.ref_logprobs), ("rewards", rewards), ("advantages", advantages)],
                 padded.mask))
 
-        with _timed(timing, "time/ppo/calc_stats"):
-            stats = self.record_step_stats(
-                kl_coef, scores=scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs,
+        with _timed(timing, "time/ppo/calc_stats", "fastppo/stats"):
+            overridden = type(self).record_step_stats is not TRLMethods.record_step_stats
+            record = (lambda coef, data: self.record_step_stats(coef, **data)) if overridden else self._step_stats
+            stats = record(kl_coef, dict(
+                scores=scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs,
                 non_score_reward=non_score_reward, train_stats=train_stats, kls=kls, masks=padded.mask,
                 queries=batch.queries, responses=batch.responses,
-            )
+            ))
             if engine_logprobs is not None:
                 stats.update(step_statistics.rollout_mismatch_stats(rollout.logprobs, engine_logprobs, padded.mask))
             if self.is_distributed:
                 stats = self.gather_stats(stats)
-            stats = step_statistics.to_python(stats)
+            stats = step_statistics.to_python(stats)  # the step's one read of its statistics
+            step_statistics.warn_if_negative_kl(stats["objective/kl"])
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
 
         if math.isfinite(stats["objective/kl"]):
@@ -322,7 +321,8 @@ class PPOTrainer(TRLMethods):
         timing["time/ppo/total"] = time.time() - start
         stats.update(timing)
         stats.update(optimisation)
-        stats["fastppo/tokens_per_s"] = float(padded.attention_mask.sum()) / max(timing["time/ppo/total"], 1e-9)
+        tokens = sum(padded.lengths) if padded.lengths is not None else float(padded.attention_mask.sum())
+        stats["fastppo/tokens_per_s"] = tokens / max(timing["time/ppo/total"], 1e-9)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         return stats
@@ -354,33 +354,39 @@ class PPOTrainer(TRLMethods):
 
     def _pad_batch(self, queries, responses, response_masks) -> PaddedBatch:
         """The step's rows, padded (`prepare_model_inputs`; with padding_free always right-padded, as packing drops
-        the pads), and their response mask (see fastppo.training.padding). Every process pads to the widest row."""
+        the pads), and their response mask (see fastppo.training.padding). Every process pads to the widest row.
+        Each row's start and length stay on the host (unless a `training_data_collator` padded the rows)."""
+        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
+        side = "right" if self.config.padding_free else padding.padding_side(self.tokenizer)
         if self.config.padding_free:
             sequences = [torch.cat([q, r]) for q, r in zip(queries, responses)]
-            input_ids, attention_mask = padding.pad_rows(sequences, max(len(x) for x in sequences),
-                                                         self.tokenizer.pad_token_id, "right", self.current_device)
+            input_ids, attention_mask = padding.pad_rows(sequences, max(lengths), self.tokenizer.pad_token_id,
+                                                         "right", self.current_device)
         else:
             model_inputs = self.prepare_model_inputs(queries, responses)
             input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
         if self.is_distributed:
             width = int(self.accelerator.gather(torch.tensor([input_ids.shape[1]], device=self.current_device)).max())
-            left = not self.config.padding_free and padding.padding_side(self.tokenizer) == "left"
             input_ids, attention_mask = padding.widen(input_ids, attention_mask, width, self.tokenizer.pad_token_id,
-                                                      "left" if left else "right")
+                                                      side)
+        known = self.config.padding_free or self.data_collator is None
+        starts = padding.row_starts(lengths, input_ids.shape[1], side) if known else None
         mask = padding.response_mask(attention_mask, [len(q) for q in queries], [len(r) for r in responses],
-                                     response_masks)
-        return PaddedBatch(input_ids, attention_mask, mask)
+                                     response_masks, starts)
+        return PaddedBatch(input_ids, attention_mask, mask, tuple(starts) if known else None,
+                           tuple(lengths) if known else None)
 
     @torch.no_grad()
-    def _rollout(self, input_ids, attention_mask, mask) -> Rollout:
+    def _rollout(self, padded: PaddedBatch) -> Rollout:
         """Policy and reference forward passes over the batch, in the forward plan's groups of rows."""
         plan, full = self.forward_plan, self.config.kl_penalty == "full"
         self.model.eval()
         if self.ref_model is not None:
             self.ref_model.eval()  # whatever mode it was left in: the reference's log-probs never get dropout
         parts = {"logprobs": [], "ref_logprobs": [], "values": [], "full_kl": []}
-        for rows in plan.rollout_slices(attention_mask):
-            batch = plan.prepare(input_ids[rows], attention_mask[rows], mask[rows])
+        for rows in plan.rollout_slices(padded.attention_mask, padded.lengths):
+            batch = plan.prepare(padded.input_ids[rows], padded.attention_mask[rows], padded.mask[rows],
+                                 lengths=None if padded.lengths is None else padded.lengths[rows])
             policy = plan.forward(self.model, batch)
             with self.optional_peft_ctx():
                 reference = plan.forward(self._reference_model(), batch)
@@ -439,8 +445,10 @@ class PPOTrainer(TRLMethods):
 
 
 @contextlib.contextmanager
-def _timed(timing: dict, key: str):
-    """`timing[key]`: the wall-clock seconds the block took."""
+def _timed(timing: dict, key: str, profiler_range: str):
+    """`timing[key]`: the wall-clock seconds the block took; the block is also a torch.profiler range
+    (`bench/tools/profile_step.py` reads them)."""
     start = time.time()
-    yield
+    with record_function(profiler_range):
+        yield
     timing[key] = time.time() - start

@@ -59,7 +59,6 @@ def token_outputs(
     model,
     unwrapped: AutoModelForCausalLMWithValueHead,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
     mask: torch.Tensor,
     mode: str,
     backend: str,
@@ -69,24 +68,23 @@ def token_outputs(
 ) -> TokenOutputs:
     """Run `model` (possibly accelerate-wrapped; `unwrapped` is the bare module) on a batch.
 
-    input_ids, attention_mask `[b, L]`; mask `[b, L-1]` marks the response positions.
+    input_ids `[b, L]`; mask `[b, L-1]` marks the response positions.
     `keep_logits` ("full" only): logits the caller keeps, as TRL's model returns them (float32, never
-    overwritten by the log-probs' backward). `model_kwargs` go to the model (a packed batch's
-    `position_ids`, `use_cache=False`).
+    overwritten by the log-probs' backward). `model_kwargs` go to the model (`attention_mask`, and a
+    packed batch's `position_ids`, `use_cache=False`).
     """
     if keep_logits and mode != "full":
         raise ValueError(f"keep_logits needs the full-logits path, not {mode!r}")
     labels = input_ids[:, 1:]
     if mode == "full":
-        logits, _, values = model(input_ids=input_ids, attention_mask=attention_mask, upcast_logits=keep_logits,
-                                  **model_kwargs)
+        logits, _, values = model(input_ids=input_ids, upcast_logits=keep_logits, **model_kwargs)
         logits = logits[:, :-1]
         out = ops.logprobs_from_logits(logits, labels, return_entropy=return_entropy, backend=backend,
                                        inplace_backward=not keep_logits)
         logprobs, entropy = out if return_entropy else (out, None)
         return TokenOutputs(logprobs, entropy, values[:, :-1], logits)
 
-    hidden, _, values = model(input_ids=input_ids, attention_mask=attention_mask, output="hidden", **model_kwargs)
+    hidden, _, values = model(input_ids=input_ids, output="hidden", **model_kwargs)
     positions = mask.bool()
     response_hidden = hidden[:, :-1][positions]  # [n, H]
     response_labels = labels[positions]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .. import ops
+from .. import ops, sharding
 from ..training import padding
 from .outputs import Sample
 
@@ -71,7 +71,7 @@ class HFEngine:
     @contextlib.contextmanager
     def _for_generation(self, model):
         """The unwrapped model, in eval mode (no dropout while sampling)."""
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = sharding.unwrap(self.accelerator, model)
         modes = [(module, module.training) for module in unwrapped.modules()]  # restored module by module
         unwrapped.eval()
         try:

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import sharding
 from . import policy_weights, sampling
 from .outputs import Sample
 
@@ -68,14 +69,14 @@ class VLLMEngine:
 
     def check_kwargs(self, model, generation_kwargs: dict) -> None:
         """Raise before anything is sampled if a kwarg (or the model's generation config) has no translation."""
-        sampling.resolve(generation_kwargs, self.accelerator.unwrap_model(model).pretrained_model.generation_config)
+        sampling.resolve(generation_kwargs, sharding.unwrap(self.accelerator, model).pretrained_model.generation_config)
 
     def generate(self, model, queries: list, max_new_tokens: Optional[list], batch_size: int,
                  generation_kwargs: dict, return_logprobs: bool = False) -> list:
         """Per query, a list of `Sample`s (`num_return_sequences` of them). `batch_size` is
         ignored: vLLM schedules every query at once. It samples the policy only: the reference's samples
         (`generate_ref_response`) come from HF generate."""
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = sharding.unwrap(self.accelerator, model)
         settings = sampling.resolve(generation_kwargs, unwrapped.pretrained_model.generation_config)
         params = sampling.sampling_params_kwargs(settings, [len(q) for q in queries], return_logprobs,
                                                  max_new_tokens)

@@ -104,3 +104,13 @@ def check_environment(config, accelerator, model, ref_model, num_shared_layers, 
     if config.rollout_engine == "vllm" and processes > 1:
         raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "
                          f"this run has {processes} processes (not supported yet)")
+
+
+def check_config_unchanged(config, at_start: dict) -> None:
+    """ValueError naming the config fields changed since the trainer was built (from `at_start`, its `to_dict()`)."""
+    now = config.to_dict()
+    changed = sorted(k for k, v in at_start.items() if now.get(k) != v)
+    if changed:
+        raise ValueError(f"config fields {changed} changed after the PPOTrainer was built, which it does not "
+                         "follow (the optimizer, accelerator and controllers were set up from them); build a new "
+                         "trainer, or set them back")

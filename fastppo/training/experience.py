@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple, Optional, Union
 
+import numpy as np
 import torch
+
+from . import host_index
 
 
 class PaddedBatch(NamedTuple):
@@ -20,6 +23,8 @@ class PaddedBatch(NamedTuple):
     input_ids: torch.Tensor  # [B, L] int64, pads = the tokenizer's pad token
     attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
     mask: torch.Tensor  # [B, L-1] int64: 1 where position t predicts a trained response token
+    starts: Optional[tuple] = None  # each row's first real column (host ints; None: padded by a user's collator)
+    lengths: Optional[tuple] = None  # each row's real tokens (host ints; None as above)
 
 
 class Rollout(NamedTuple):
@@ -49,14 +54,22 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor
     rollout_logprobs: Optional[torch.Tensor] = None
+    lengths: Optional[tuple] = None  # each row's real tokens, host ints (None: unknown)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: Union[slice, torch.Tensor]) -> "Experience":
-        """The same record for some rows: a slice, or an index tensor (a shuffled mini-batch)."""
+    def select(self, rows: Union[slice, np.ndarray]) -> "Experience":
+        """The same record for some rows: a slice, or host row indices (a shuffled mini-batch), which go to
+        the device once for all the fields."""
+        index = rows if isinstance(rows, slice) else host_index.to_device(np.asarray(rows, np.int64),
+                                                                          self.input_ids.device)
         selected = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            selected[field.name] = None if value is None else value[rows]
+            if field.name == "lengths":
+                selected[field.name] = None if value is None else (
+                    value[rows] if isinstance(rows, slice) else tuple(value[i] for i in rows))
+            else:
+                selected[field.name] = None if value is None else value[index]
         return Experience(**selected)

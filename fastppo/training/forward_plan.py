@@ -12,14 +12,17 @@ log-probs, entropies and values on the grid, so nothing after it knows how the p
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Optional
 
 import torch
 from accelerate.utils.memory import clear_device_cache
 
 from .. import sharding
-from ..models import heads
+from ..models import attention_masks, heads
 from . import microbatch, packing
+
+logger = logging.getLogger(__name__)
 
 
 class Pass(NamedTuple):
@@ -29,10 +32,11 @@ class Pass(NamedTuple):
     attention_mask: Optional[torch.Tensor]  # [b, L]; None packed (position ids restart per sequence)
     mask: torch.Tensor  # [b, L-1], or [1, N-1] packed: the response mask at the pass's positions
     packed: Optional[packing.Packed]  # how packed positions map to the grid (None: padded)
+    padded: Optional[bool] = None  # whether any row is shorter than L (None: not known on the host)
 
     @property
     def rows(self) -> int:
-        return self.input_ids.shape[0] if self.packed is None else self.packed.grid.shape[0]
+        return self.input_ids.shape[0] if self.packed is None else self.packed.grid[0]
 
     def to_grid(self, values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Per-position values of this pass → the rows' `[b, L-1]` grid (zeros where no real token is
@@ -52,27 +56,30 @@ class ForwardPlan:
         self.token_budget = config.max_tokens_per_microbatch
         self.rollout_rows = config.rollout_batch_size or config.mini_batch_size
         self.optimize_device_cache = config.optimize_device_cache
+        self._mask_forms = {}  # id(unwrapped model) → the attention-mask forms it takes (attention_masks)
+        self.packed_attention = {}  # "the policy"/"the reference" → the attention its packed passes run
 
     # ------------------------------------------------------------------ which rows together
 
-    def rollout_slices(self, attention_mask: torch.Tensor) -> list:
-        """Row slices of the rollout's forward passes: `rollout_batch_size` rows, or by token count."""
+    def rollout_slices(self, attention_mask: torch.Tensor, lengths: Optional[tuple] = None) -> list:
+        """Row slices of the rollout's forward passes: `rollout_batch_size` rows, or by token count
+        (`lengths`: the rows' real tokens if known on the host)."""
         if self.token_budget is None:
             return [slice(start, start + self.rollout_rows) for start in range(0, attention_mask.shape[0],
                                                                                 self.rollout_rows)]
-        return self._token_budget_slices(attention_mask)
+        return self._token_budget_slices(attention_mask, lengths)
 
-    def micro_batches(self, attention_mask: torch.Tensor, mask: torch.Tensor) -> list:
+    def micro_batches(self, attention_mask: torch.Tensor, mask: torch.Tensor, lengths: Optional[tuple] = None) -> list:
         """A mini-batch's `(rows, weight)` passes: the whole mini-batch with weight 1, or token-budget slices
         weighted by their share of its response tokens. Every term of the PPO loss is a masked mean over
         those tokens, so the weighted sum of the slices' losses has the unsplit mini-batch's gradient."""
-        slices = self._token_budget_slices(attention_mask) if self.token_budget is not None else []
+        slices = self._token_budget_slices(attention_mask, lengths) if self.token_budget is not None else []
         if len(slices) <= 1:
             return [(slice(0, attention_mask.shape[0]), 1.0)]
         total = mask.sum().float().clamp(min=1)
         return [(rows, mask[rows].sum().float() / total) for rows in slices]
 
-    def _token_budget_slices(self, attention_mask: torch.Tensor) -> list:
+    def _token_budget_slices(self, attention_mask: torch.Tensor, lengths: Optional[tuple]) -> list:
         """Consecutive row slices of at most `max_tokens_per_microbatch` tokens each (a longer row alone).
 
         A slice's tokens are what it sends through the model: its real tokens when packed, rows ×
@@ -80,7 +87,7 @@ class ForwardPlan:
         largest ones), so forward and backward passes stay in step across processes.
         """
         if self.padding_free:
-            costs = attention_mask.sum(1).tolist()
+            costs = list(lengths) if lengths is not None else attention_mask.sum(1).tolist()
         else:
             costs = [attention_mask.shape[1]] * attention_mask.shape[0]
         slices = microbatch.token_budget_slices(costs, self.token_budget)
@@ -92,12 +99,14 @@ class ForwardPlan:
     # ------------------------------------------------------------------ one pass
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                pack: Optional[bool] = None) -> Pass:
+                pack: Optional[bool] = None, lengths: Optional[tuple] = None) -> Pass:
         """The pass of these `[b, L]` rows (right-padded when packed) and their `[b, L-1]` response mask;
-        `pack` overrides `padding_free` (TRL's `batched_forward_pass` takes rows padded on either side)."""
+        `pack` overrides `padding_free` (TRL's `batched_forward_pass` takes rows padded on either side).
+        `lengths`: the rows' real tokens, if the host knows them (then nothing is read back to build the pass)."""
         if not (self.padding_free if pack is None else pack):
-            return Pass(input_ids, attention_mask, mask, None)
-        packed = packing.pack(input_ids, attention_mask, mask)
+            padded = None if lengths is None else any(n < input_ids.shape[1] for n in lengths)
+            return Pass(input_ids, attention_mask, mask, None, padded)
+        packed = packing.pack(input_ids, attention_mask, mask, lengths)
         return Pass(packed.input_ids, None, packed.mask, packed)
 
     def forward(self, model, batch: Pass, return_entropy: bool = False,
@@ -105,9 +114,14 @@ class ForwardPlan:
         """Run `model` (possibly accelerate-wrapped) on the pass: log-probs, entropies (if asked) and values
         on the rows' `[b, L-1]` grid; `logits` as the LM-head path computed them, at the pass's positions.
         `keep_logits`: the full `[b, L-1, V]` logits as TRL's model returns them, whatever the configured path."""
-        kwargs = {} if batch.packed is None else {"position_ids": batch.packed.position_ids, "use_cache": False}
-        out = heads.token_outputs(model, self.accelerator.unwrap_model(model), batch.input_ids, batch.attention_mask,
-                                  batch.mask, "full" if keep_logits else self.head_mode, self.backend,
+        unwrapped = sharding.unwrap(self.accelerator, model)
+        if batch.packed is None:  # no cache: transformers would build one on each pass for nothing
+            kwargs = {"use_cache": False, "attention_mask": attention_masks.model_mask(
+                self._mask_form(model, unwrapped), unwrapped.causal_lm, batch.attention_mask, batch.padded)}
+        else:
+            kwargs = packing.call_kwargs(batch.packed, unwrapped.causal_lm)
+        out = heads.token_outputs(model, unwrapped, batch.input_ids, batch.mask,
+                                  "full" if keep_logits else self.head_mode, self.backend,
                                   return_entropy=return_entropy, keep_logits=keep_logits, **kwargs)
         return heads.TokenOutputs(batch.to_grid(out.logprobs), batch.to_grid(out.entropy), batch.to_grid(out.values),
                                   out.logits)
@@ -121,16 +135,36 @@ class ForwardPlan:
         if self.optimize_device_cache:
             clear_device_cache(garbage_collection=True)
 
+    def _mask_form(self, model, unwrapped) -> attention_masks.MaskForm:
+        """The attention-mask forms `model` takes (see `fastppo.models.attention_masks`), found at its first pass:
+        every process makes the same passes, so the probe's forwards (collective under ZeRO-3/FSDP) match."""
+        form = self._mask_forms.get(id(unwrapped))
+        if form is None:
+            form = self._mask_forms[id(unwrapped)] = attention_masks.choose_form(
+                model, unwrapped, sharding.vocab_size(unwrapped.lm_head.weight), self.accelerator.device,
+                float32=self._float32(model))
+        return form
+
+    def _float32(self, model) -> bool:
+        """Whether `model` computes in float32 (no bf16/fp16 weights, no mixed precision): sets tolerances."""
+        return self.accelerator.mixed_precision == "no" and all(
+            p.dtype == torch.float32 for p in sharding.unwrap(self.accelerator, model).parameters())
+
     def check_models_pack(self, policy, reference, vocab_size: int) -> None:
-        """With `padding_free`: refuse the policy or the reference (None: none) if its packed logits differ from its
+        """With `padding_free`: switch the policy and the reference (None: none) to varlen attention where they run
+        SDPA (logged, and kept in `packed_attention`), then refuse either if its packed logits differ from its
         unpacked ones. Every process must call it: under ZeRO-3/FSDP a forward is collective."""
         if not self.padding_free:
             return
-        unwrapped = self.accelerator.unwrap_model(policy)
-        float32 = self.accelerator.mixed_precision == "no" and all(p.dtype == torch.float32
-                                                                   for p in unwrapped.parameters())
-        where = f"({type(unwrapped.causal_lm).__name__}, attention {unwrapped.config._attn_implementation})"
+        float32 = self._float32(policy)
         for name, model in (("the policy", policy), ("the reference", reference)):
-            if model is not None:
-                packing.check_model_packs(model, vocab_size, self.accelerator.device, float32=float32,
-                                          name=f"{name} {where}")
+            if model is None:
+                continue
+            unwrapped = sharding.unwrap(self.accelerator, model)
+            self.packed_attention[name] = packing.install_varlen(unwrapped.causal_lm)
+            lm = unwrapped.causal_lm
+            where = f"({type(lm).__name__}, attention {lm.config._attn_implementation})"
+            packing.check_model_packs(model, unwrapped, vocab_size, self.accelerator.device,
+                                      float32=float32, name=f"{name} {where}")
+        logger.info("padding_free: packed passes use %s", ", ".join(f"{kernel} ({name})" for name, kernel
+                                                                  in self.packed_attention.items()))

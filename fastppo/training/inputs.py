@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from . import host_index
+
 
 class StepInputs(NamedTuple):
     queries: list  # B × [Lq] int64 on the trainer's device
@@ -36,6 +38,20 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch
     raise ValueError(f"{name} is on {tensor.device}, but the trainer runs on {device}; pass CPU tensors or tensors on {device}")
 
 
+def move_all(tensors: Sequence[torch.Tensor], device: torch.device, dtype: Optional[torch.dtype] = None) -> list:
+    """`tensors` (checked with `check_device`) as `dtype` (None: the first one's) on `device`; those on the CPU
+    travel together, in one copy through pinned memory (a copy per tensor would make the host wait each time)."""
+    on_host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+    dtype = tensors[0].dtype if dtype is None else dtype
+    moved = [t.to(dtype) for t in tensors]
+    if torch.device(device).type == "cpu" or not on_host:
+        return [t.to(device) for t in moved]
+    flat = host_index.to_device(torch.cat([moved[i].reshape(-1) for i in on_host]).numpy(), device)
+    for i, part in zip(on_host, flat.split([moved[i].numel() for i in on_host])):
+        moved[i] = part.view(moved[i].shape)
+    return moved
+
+
 def check_token_ids(name: str, tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     """One 1-D, non-empty integer tensor of ids in [0, vocab_size), returned as int64 on `device`."""
     checked = _token_tensor(name, tensor, device)
@@ -43,8 +59,10 @@ def check_token_ids(name: str, tensor, vocab_size: int, device: torch.device) ->
     return checked
 
 
-def check_token_list(name: str, value, vocab_size: int, device: torch.device, batch_size: Optional[int] = None) -> list:
-    """A list of 1-D token-id tensors (see `check_token_ids`), of `batch_size` items if given."""
+def check_token_list(name: str, value, vocab_size: Optional[int], device: torch.device,
+                     batch_size: Optional[int] = None) -> list:
+    """A list of 1-D token-id tensors (see `check_token_ids`), of `batch_size` items if given
+    (`vocab_size=None`: the ids' range is left to the caller, see `out_of_vocabulary`)."""
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{name} must be a list of 1-D token-id tensors, got {type(value).__name__}")
     if batch_size is not None and len(value) != batch_size:
@@ -52,8 +70,10 @@ def check_token_list(name: str, value, vocab_size: int, device: torch.device, ba
     if len(value) == 0:
         raise ValueError(f"{name} is an empty list")
     names = [f"{name}[{i}]" for i in range(len(value))]
-    checked = [_token_tensor(item_name, tensor, device) for item_name, tensor in zip(names, value)]
-    _check_vocabulary(names, checked, vocab_size)
+    checked = move_all([_token_tensor(item_name, tensor, device) for item_name, tensor in zip(names, value)],
+                       device, torch.long)
+    if vocab_size is not None:
+        _check_vocabulary(names, checked, vocab_size)
     return checked
 
 
@@ -67,13 +87,22 @@ def _token_tensor(name: str, tensor, device: torch.device) -> torch.Tensor:
         raise ValueError(f"{name} must be 1-D (one sequence of token ids), got shape {tuple(tensor.shape)}")
     if tensor.numel() == 0:
         raise ValueError(f"{name} is empty; every sequence needs at least one token")
-    return check_device(name, tensor, device).long()
+    check_device(name, tensor, device)
+    return tensor
 
 
-def _check_vocabulary(names: list, tensors: list, vocab_size: int) -> None:
-    """All ids in [0, vocab_size): one host sync for the whole list; the slow path names the culprit."""
+def out_of_vocabulary(tensors: list, vocab_size: int) -> torch.Tensor:
+    """Whether any id lies outside [0, vocab_size) (0-d bool, on the device: not read here)."""
     ids = torch.cat(tensors)
-    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+    return ((ids < 0) | (ids >= vocab_size)).any()
+
+
+def _check_vocabulary(names: list, tensors: list, vocab_size: int, known_bad: Optional[bool] = None) -> None:
+    """All ids in [0, vocab_size): one host sync for the whole list (none if `known_bad` was read with others);
+    the slow path names the culprit."""
+    if known_bad is None:
+        known_bad = bool(out_of_vocabulary(tensors, vocab_size))
+    if known_bad:
         for name, tensor in zip(names, tensors):
             low, high = int(tensor.min()), int(tensor.max())
             if low < 0 or high >= vocab_size:
@@ -83,6 +112,21 @@ def _check_vocabulary(names: list, tensors: list, vocab_size: int) -> None:
 
 def check_scores(scores, batch_size: int, device: torch.device) -> torch.Tensor:
     """Scores as a list of scalars (0-d or one-element tensors, or numbers) or a 1-D tensor → `[B]` float32."""
+    scores = _score_tensor(scores, batch_size, device)
+    _check_finite_scores(scores)
+    return scores
+
+
+def _check_finite_scores(scores: torch.Tensor, known_bad: Optional[bool] = None) -> None:
+    if known_bad is None:
+        known_bad = not bool(torch.isfinite(scores).all())
+    if known_bad:
+        i = int((~torch.isfinite(scores)).nonzero()[0, 0])
+        raise ValueError(f"scores[{i}] is {float(scores[i])}; scores must be finite")
+
+
+def _score_tensor(scores, batch_size: int, device: torch.device) -> torch.Tensor:
+    """`check_scores` without the value check."""
     if isinstance(scores, torch.Tensor):
         if scores.dim() != 1:
             raise ValueError(f"scores must be a list of scalars or a 1-D tensor, got a tensor of shape {tuple(scores.shape)}")
@@ -101,21 +145,18 @@ def check_scores(scores, batch_size: int, device: torch.device) -> torch.Tensor:
                 raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(item.shape)}")
             if item.dtype == torch.bool or item.is_complex():
                 raise TypeError(f"{name} must be a real number, got dtype {item.dtype}")
-            values.append(check_device(name, item, device).reshape(()).float())
+            check_device(name, item, device)
+            values.append(item.reshape(()))
         elif isinstance(item, numbers.Real) and not isinstance(item, bool):
-            values.append(torch.tensor(float(item), device=device))
+            values.append(torch.tensor(float(item)))
         else:
             raise TypeError(f"{name} must be a scalar tensor or a number, got {type(item).__name__}")
-    scores = torch.stack(values)
-    finite = torch.isfinite(scores)
-    if not bool(finite.all()):  # one host sync for the batch
-        i = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"scores[{i}] is {float(scores[i])}; scores must be finite")
-    return scores
+    return torch.stack(move_all(values, device, torch.float32))
 
 
 def check_response_masks(response_masks, responses: Sequence[torch.Tensor], device: torch.device) -> Optional[list]:
-    """Optional per-response 0/1 masks, each the length of its response and not all zero."""
+    """Optional per-response masks, each the shape of its response, moved to `device`
+    as float64 (their values, 0/1 and not all zero, are checked with the batch's in `check_step_inputs`)."""
     if response_masks is None:
         return None
     if not isinstance(response_masks, (list, tuple)):
@@ -130,21 +171,30 @@ def check_response_masks(response_masks, responses: Sequence[torch.Tensor], devi
         if mask.shape != response.shape:
             raise ValueError(f"{name} has shape {tuple(mask.shape)} but responses[{i}] has shape {tuple(response.shape)}")
         checked.append(check_device(name, mask, device))
-    # Value checks on the whole batch at once: one host sync unless something is wrong.
-    flat = torch.cat(checked)
-    counts = torch.stack([mask.ne(0).sum() for mask in checked])
-    if not bool(((flat == 0) | (flat == 1)).all()) or not bool((counts > 0).all()):
+    return move_all(checked, device, torch.float64)  # exact for 0/1 of any dtype, and shows a 0.5
+
+
+def bad_response_masks(masks: list) -> torch.Tensor:
+    """Whether any mask holds a value other than 0/1 or masks out its whole response (0-d bool, not read)."""
+    flat = torch.cat(masks)
+    counts = torch.stack([mask.ne(0).sum() for mask in masks])
+    return ~((flat == 0) | (flat == 1)).all() | ~(counts > 0).all()
+
+
+def _check_response_mask_values(checked: list, known_bad: Optional[bool] = None) -> None:
+    if known_bad is None:
+        known_bad = bool(bad_response_masks(checked))
+    if known_bad:
         for i, mask in enumerate(checked):
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError(f"response_masks[{i}] must hold only 0 and 1")
             if not bool(mask.any()):
                 raise ValueError(f"response_masks[{i}] masks out every token of responses[{i}]; at least one must count")
-    return [mask.long() for mask in checked]
 
 
 def check_rollout_logprobs(rollout_logprobs, responses: Sequence[torch.Tensor], device: torch.device) -> Optional[list]:
-    """Optional per-response float log-probs from the rollout engine: each the shape of its response,
-    finite and ≤ 0 → float32 on `device`."""
+    """Optional per-response float log-probs from the rollout engine, each the shape of its response → float32 on
+    `device` (their values, finite and ≤ 0, are checked with the batch's in `check_step_inputs`)."""
     if rollout_logprobs is None:
         return None
     if not isinstance(rollout_logprobs, (list, tuple)):
@@ -160,15 +210,25 @@ def check_rollout_logprobs(rollout_logprobs, responses: Sequence[torch.Tensor], 
             raise TypeError(f"{name} must hold floating-point log-probs, got dtype {logprobs.dtype}")
         if logprobs.shape != response.shape:
             raise ValueError(f"{name} has shape {tuple(logprobs.shape)} but responses[{i}] has shape {tuple(response.shape)}")
-        checked.append(check_device(name, logprobs, device).float())
-    flat = torch.cat(checked)
-    if not bool((torch.isfinite(flat) & (flat <= 0)).all()):  # one host sync for the batch
+        checked.append(check_device(name, logprobs, device))
+    return move_all(checked, device, torch.float32)
+
+
+def bad_rollout_logprobs(logprobs: list) -> torch.Tensor:
+    """Whether any log-prob is non-finite or positive (0-d bool, not read)."""
+    flat = torch.cat(logprobs)
+    return ~(torch.isfinite(flat) & (flat <= 0)).all()
+
+
+def _check_rollout_logprob_values(checked: list, known_bad: Optional[bool] = None) -> None:
+    if known_bad is None:
+        known_bad = bool(bad_rollout_logprobs(checked))
+    if known_bad:
         for i, logprobs in enumerate(checked):
             bad = ~(torch.isfinite(logprobs) & (logprobs <= 0))
             if bool(bad.any()):
                 j = int(bad.nonzero()[0, 0])
                 raise ValueError(f"rollout_logprobs[{i}][{j}] is {float(logprobs[j])}; log-probs must be finite and <= 0")
-    return checked
 
 
 def check_lengths(names: str, lengths: Sequence[int], max_length: Optional[int], what: str = "tokens") -> None:
@@ -198,14 +258,29 @@ def check_step_inputs(queries, responses, scores, response_masks, batch_size: in
                       device: torch.device, rollout_logprobs=None, max_length: Optional[int] = None,
                       rollout_correction: Optional[str] = None) -> StepInputs:
     """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`;
-    `rollout_logprobs` required by a `rollout_correction`."""
-    queries = check_token_list("queries", queries, vocab_size, device, batch_size)
-    responses = check_token_list("responses", responses, vocab_size, device, batch_size)
+    `rollout_logprobs` required by a `rollout_correction`. The values (ids in the vocabulary, finite scores,
+    0/1 masks, log-probs ≤ 0) are checked on the device and read back together: one host read, after which
+    only a bad batch pays for the messages that name the culprit."""
+    queries = check_token_list("queries", queries, None, device, batch_size)
+    responses = check_token_list("responses", responses, None, device, batch_size)
     check_lengths("queries[{i}] + responses[{i}]", [len(q) + len(r) for q, r in zip(queries, responses)], max_length)
-    scores = check_scores(scores, batch_size, device)
+    scores = _score_tensor(scores, batch_size, device)
     masks = check_response_masks(response_masks, responses, device)
     rollout_logprobs = check_rollout_logprobs(rollout_logprobs, responses, device)
     if rollout_correction is not None and rollout_logprobs is None:
         raise ValueError(f"rollout_logprobs: config.rollout_correction={rollout_correction!r} needs the rollout "
                          "engine's log-probs; pass those of generate(..., return_logprobs=True)")
+    flags = [out_of_vocabulary(queries, vocab_size), out_of_vocabulary(responses, vocab_size),
+             ~torch.isfinite(scores).all()]
+    flags += [bad_response_masks(masks)] if masks is not None else []
+    flags += [bad_rollout_logprobs(rollout_logprobs)] if rollout_logprobs is not None else []
+    bad = torch.stack(flags).tolist()  # the one read
+    _check_vocabulary([f"queries[{i}]" for i in range(len(queries))], queries, vocab_size, bad[0])
+    _check_vocabulary([f"responses[{i}]" for i in range(len(responses))], responses, vocab_size, bad[1])
+    _check_finite_scores(scores, bad[2])
+    if masks is not None:
+        _check_response_mask_values(masks, bad[3])
+        masks = [mask.long() for mask in masks]
+    if rollout_logprobs is not None:
+        _check_rollout_logprob_values(rollout_logprobs, bad[-1])
     return StepInputs(queries, responses, scores, masks, rollout_logprobs)

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import host_index
+
 SIDES = ("right", "left")
 
 
@@ -26,13 +28,15 @@ def padding_side(tokenizer) -> str:
 def pad_rows(sequences: Sequence[torch.Tensor], width: int, pad_token_id: int, side: str,
              device: torch.device) -> tuple:
     """`input_ids` (pads = pad_token_id) and `attention_mask` `[B, width]`, int64, on `device`."""
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, sequence in enumerate(sequences):
-        columns = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
-        input_ids[row, columns] = sequence
-        attention_mask[row, columns] = 1
-    return input_ids, attention_mask
+    starts = row_starts([len(s) for s in sequences], width, side)
+    input_ids = host_index.place([s.to(device) for s in sequences], starts, width, pad_token_id, torch.long, device)
+    ones = [torch.ones(len(s), dtype=torch.long, device=device) for s in sequences]
+    return input_ids, host_index.place(ones, starts, width, 0, torch.long, device)
+
+
+def row_starts(lengths: Sequence[int], width: int, side: str) -> list:
+    """Each row's first real column in a `[B, width]` batch padded on `side` (host arithmetic)."""
+    return [width - n if side == "left" else 0 for n in lengths]
 
 
 def widen(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, pad_token_id: int, side: str) -> tuple:
@@ -46,27 +50,28 @@ def widen(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, pad
 
 
 def first_tokens(attention_mask: torch.Tensor) -> list:
-    """Index of each row's first real token (its count of leading pads), as Python ints."""
+    """Index of each row's first real token (its count of leading pads), as Python ints: a host read, for
+    batches padded by someone else (a `training_data_collator`); the step's own padding knows its starts."""
     return attention_mask.long().argmax(1).tolist()
 
 
 def response_mask(attention_mask: torch.Tensor, query_lengths: Sequence[int], response_lengths: Sequence[int],
-                  response_masks: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-    """The `[B, L-1]` int64 mask of response positions (times each row's 0/1 response mask if given)."""
-    batch_size, width = attention_mask.shape
-    mask = torch.zeros((batch_size, width - 1), dtype=torch.long, device=attention_mask.device)
-    for row, first in enumerate(first_tokens(attention_mask)):
-        start = first + query_lengths[row] - 1
-        mask[row, start: start + response_lengths[row]] = 1 if response_masks is None else response_masks[row]
-    return mask
+                  response_masks: Optional[Sequence[torch.Tensor]] = None,
+                  starts: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The `[B, L-1]` int64 mask of response positions (times each row's 0/1 response mask if given).
+    `starts`: each row's first real column, if known (else read from `attention_mask`)."""
+    device = attention_mask.device
+    if response_masks is None:
+        response_masks = [torch.ones(n, dtype=torch.long, device=device) for n in response_lengths]
+    return place_responses(attention_mask, query_lengths, response_masks, starts, dtype=torch.long)
 
 
 def place_responses(attention_mask: torch.Tensor, query_lengths: Sequence[int], values: Sequence[torch.Tensor],
-                    ) -> torch.Tensor:
-    """Per-response float values at their positions of the `[B, L-1]` grid, 0 elsewhere (float32)."""
-    batch_size, width = attention_mask.shape
-    out = torch.zeros((batch_size, width - 1), dtype=torch.float32, device=attention_mask.device)
-    for row, first in enumerate(first_tokens(attention_mask)):
-        start = first + query_lengths[row] - 1
-        out[row, start: start + len(values[row])] = values[row]
-    return out
+                    starts: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-response values at their positions of the `[B, L-1]` grid, 0 elsewhere (float32 unless `dtype`).
+    `starts`: each row's first real column, if known (else read from `attention_mask`)."""
+    if starts is None:
+        starts = first_tokens(attention_mask)
+    grid_starts = [first + query - 1 for first, query in zip(starts, query_lengths)]
+    values = [v.to(attention_mask.device) for v in values]
+    return host_index.place(values, grid_starts, attention_mask.shape[1] - 1, 0, dtype, attention_mask.device)

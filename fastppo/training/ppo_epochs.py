@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from .. import ops, sharding
 from ..op_outputs import PPOLossOutput
@@ -59,10 +60,11 @@ class PPOEpochs:
         config = self.config
         per_minibatch, skips, early_stopped = [], [], False
         self.guard.begin()
+        self.model.train(config.gradient_checkpointing)  # once: no pass below changes a module's mode
         for _ in range(config.ppo_epochs):
             order = np.random.permutation(config.batch_size)
             for start in range(0, config.batch_size, config.mini_batch_size):
-                rows = torch.as_tensor(order[start:start + config.mini_batch_size], device=experience.mask.device)
+                rows = order[start:start + config.mini_batch_size]
                 with self.accelerator.accumulate(self.model):
                     stats, skip = self.train_minibatch(experience.select(rows), len(per_minibatch))
                 per_minibatch.append(stats)
@@ -97,8 +99,7 @@ class PPOEpochs:
         mean ratio before any backward, so a split mini-batch finds it in a no-grad pass first.
         """
         config = self.config
-        self.model.train(config.gradient_checkpointing)
-        micro = self.plan.micro_batches(experience.attention_mask, experience.mask)
+        micro = self.plan.micro_batches(experience.attention_mask, experience.mask, experience.lengths)
         skip = None
         if len(micro) > 1:
             with torch.no_grad():
@@ -108,12 +109,14 @@ class PPOEpochs:
         for position, (rows, weight) in enumerate(micro):
             last = position == len(micro) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                out, entropy, part_flags = self.loss(experience.select(rows))
-                if skip is None:  # one pass: its own mean ratio decides
-                    skip = ratio_spikes(out.ratio_mean, config.ratio_threshold)
-                flags = part_flags if flags is None else flags | part_flags
+                with record_function("fastppo/minibatch_forward"):
+                    out, entropy, part_flags = self.loss(experience.select(rows))
+                    if skip is None:  # one pass: its own mean ratio decides
+                        skip = ratio_spikes(out.ratio_mean, config.ratio_threshold)
+                    flags = part_flags if flags is None else flags | part_flags
                 if self.guard.backward_allowed(part_flags, index):  # (False only under DeepSpeed: no micro-batches)
-                    self.accelerator.backward(out.loss * (weight * (~skip).float()))
+                    with record_function("fastppo/minibatch_backward"):
+                        self.accelerator.backward(out.loss * (weight * (~skip).float()))
                 else:
                     backward_ran = False
             outs.append(out)
@@ -122,7 +125,8 @@ class PPOEpochs:
             out, entropy = microbatch.combine_loss_outputs(outs, [weight for _, weight in micro]), torch.cat(entropies)
         out = zero_losses(out, skip)
         if backward_ran:
-            self.guard.optimizer_step(flags, index)
+            with record_function("fastppo/optimizer_step"):
+                self.guard.optimizer_step(flags, index)
         with torch.no_grad():
             stats = step_statistics.minibatch_stats(out, entropy, experience.advantages, experience.returns,
                                                     experience.old_values, experience.mask, config.vf_coef)
@@ -130,7 +134,8 @@ class PPOEpochs:
 
     def loss(self, experience: Experience) -> tuple:
         """The training forward and the PPO loss of some rows: (PPOLossOutput, entropy `[b, L-1]`, non-finite flags)."""
-        batch = self.plan.prepare(experience.input_ids, experience.attention_mask, experience.mask)
+        batch = self.plan.prepare(experience.input_ids, experience.attention_mask, experience.mask,
+                                  lengths=experience.lengths)
         logprobs, entropy, values, _ = self.plan.forward(self.model, batch, return_entropy=True)
         out = ppo_loss_for(self.config, logprobs, experience.old_logprobs, values.float(), experience.old_values,
                        experience.advantages, experience.returns, experience.mask, experience.rollout_logprobs)

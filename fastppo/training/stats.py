@@ -7,6 +7,7 @@ come back as Python floats, distributions as numpy arrays.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -95,14 +96,11 @@ def step_stats(
         "ppo/mean_scores": scores.mean(),
         "ppo/std_scores": _std(scores),
     }
-    query_lengths = torch.tensor(query_lengths, dtype=torch.float)
-    response_lengths = torch.tensor(response_lengths, dtype=torch.float)
-    stats["tokens/queries_len_mean"] = query_lengths.mean().item()
-    stats["tokens/queries_len_std"] = _std(query_lengths).item()
-    stats["tokens/queries_dist"] = query_lengths.numpy()
-    stats["tokens/responses_len_mean"] = response_lengths.mean().item()
-    stats["tokens/responses_len_std"] = _std(response_lengths).item()
-    stats["tokens/responses_dist"] = response_lengths.numpy()
+    for name, lengths in (("queries", query_lengths), ("responses", response_lengths)):  # host lists: no read
+        lengths = np.asarray(lengths, dtype=np.float32)
+        stats[f"tokens/{name}_len_mean"] = float(lengths.mean())
+        stats[f"tokens/{name}_len_std"] = float(lengths.std(ddof=1)) if lengths.size > 1 else 0.0
+        stats[f"tokens/{name}_dist"] = lengths
     for key, value in train_stats.items():
         stats[f"ppo/{key}"] = value
     stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
@@ -134,17 +132,32 @@ def _std(values: torch.Tensor) -> torch.Tensor:
 
 
 def to_python(stats: dict) -> dict:
-    """Tensors → numpy; 0-d and one-element arrays → float (as TRL does for non-wandb loggers)."""
+    """Tensors → numpy; 0-d and one-element arrays → float (as TRL does for non-wandb loggers). Every tensor
+    goes to the host in one copy: one host read for all the statistics."""
+    tensors = {key: value.detach() for key, value in stats.items() if isinstance(value, torch.Tensor)}
+    host = {}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        flat = torch.cat([value.float().reshape(-1).to(device) for value in tensors.values()])
+        parts = np.split(flat.cpu().numpy(), np.cumsum([value.numel() for value in tensors.values()])[:-1])
+        host = {key: part.reshape(value.shape) for (key, value), part in zip(tensors.items(), parts)}
     out = {}
     for key, value in stats.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().float().cpu().numpy()
+        value = host.get(key, value)
         if isinstance(value, np.ndarray) and value.size == 1 and value.ndim <= 1:
             value = float(value.reshape(()))
         elif isinstance(value, (np.floating, np.integer)):
             value = float(value)
         out[key] = value
     return out
+
+
+def warn_if_negative_kl(mean_kl: float) -> None:
+    """TRL's warning when the mean KL to the reference is below -1."""
+    if mean_kl < -1.0:
+        warnings.warn(f"the mean KL to the reference is negative ({mean_kl:.2f}): often a sign of generation "
+                      "kwargs that sample differently from the policy's distribution (top-k, temperature, "
+                      "min_length), or of unstable training")
 
 
 def reduce_across_processes(stats: dict, accelerator) -> dict:

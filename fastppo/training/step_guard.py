@@ -111,7 +111,15 @@ class StepGuard:
         self.accumulation_steps = config.gradient_accumulation_steps
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.deepspeed = sharding.is_deepspeed(accelerator)
+        self._trainable_parameters = None
         self.begin()
+
+    def _trainable(self) -> list:
+        """The parameters that train (listed once: the optimizer was built for them; a list per optimizer step cost
+        more than the clipping)."""
+        if self._trainable_parameters is None:
+            self._trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return self._trainable_parameters
 
     def begin(self) -> None:
         """Forget the previous step's decisions."""
@@ -150,7 +158,7 @@ class StepGuard:
             self.optimizer.step()  # accelerate: a no-op until the accumulation's last mini-batch
             self.optimizer.zero_grad()
             return False
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = self._trainable()
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(trainable, self.max_grad_norm)

@@ -201,18 +201,18 @@ class TRLMethods:
         data: scores, logprobs, ref_logprobs, non_score_reward, kls, masks, queries, responses, and
         train_stats (each key's values over mini-batches stacked along the first dim: its mean is kept).
         """
+        stats = self._step_stats(kl_coef, data)
+        step_statistics.warn_if_negative_kl(float(stats["objective/kl"]))
+        return stats
+
+    def _step_stats(self, kl_coef: float, data: dict) -> dict:
+        """`record_step_stats` without its warning, which `step` gives after its one read of the statistics."""
         train_stats = {key: torch.mean(value, dim=0) for key, value in data["train_stats"].items()}
-        stats = step_statistics.step_stats(
+        return step_statistics.step_stats(
             scores=data["scores"], logprobs=data["logprobs"], ref_logprobs=data["ref_logprobs"], kls=data["kls"],
             kl_coef=kl_coef, mask=data["masks"], query_lengths=[len(q) for q in data["queries"]],
             response_lengths=[len(r) for r in data["responses"]], train_stats=train_stats,
             non_score_reward=data["non_score_reward"])
-        mean_kl = float(stats["objective/kl"])
-        if mean_kl < -1.0:
-            warnings.warn(f"the mean KL to the reference is negative ({mean_kl:.2f}): often a sign of generation "
-                          "kwargs that sample differently from the policy's distribution (top-k, temperature, "
-                          "min_length), or of unstable training")
-        return stats
 
     def gather_stats(self, stats: dict) -> dict:
         """Every scalar tensor statistic averaged over processes (distributions stay per process)."""

@@ -18,7 +18,7 @@ def _train(model_dir, tokenizer, **config_kwargs):
     results = []
     for seed in (0, 1):
         queries, responses, scores = make_batch(tokenizer, 4, seed=seed)
-        _, _, mask = trainer._pad_batch(queries, responses, None)
+        mask = trainer._pad_batch(queries, responses, None).mask
         results.append((trainer.step(queries, responses, scores), mask.cpu().numpy().astype(bool)))
     return trainer, results
 

@@ -24,7 +24,7 @@ def _train(model_dir, tokenizer, steps=2, model_kwargs=None, **config_kwargs):
     results = []
     for seed in range(steps):  # ragged: queries of 2–6 tokens, responses of 1–24
         queries, responses, scores = make_batch(tokenizer, 8, seed=seed, max_response=24)
-        _, _, mask = trainer._pad_batch(queries, responses, None)
+        mask = trainer._pad_batch(queries, responses, None).mask
         results.append((trainer.step(queries, responses, scores), mask.cpu().numpy().astype(bool)))
     return trainer, results
 
@@ -39,10 +39,11 @@ def test_padding_free_trains_the_same(model_dir, tokenizer, head, monkeypatch):
     baseline = _train(model_dir, tokenizer, **switches)
     seen = []  # what the model was fed: one packed row per pass, no pad token
     pack = packing.pack
-    monkeypatch.setattr(packing, "pack", lambda *args: seen.append(pack(*args)) or seen[-1])
+    monkeypatch.setattr(packing, "pack", lambda *args, **kwargs: seen.append(pack(*args, **kwargs)) or seen[-1])
     candidate = _train(model_dir, tokenizer, padding_free=True, **switches)
-    # 2 steps × (4 rollout passes of mini_batch_size rows + 2 epochs × 4 mini-batches)
-    assert len(seen) == 24 and all(p.input_ids.shape[0] == 1 and (p.input_ids != 0).all() for p in seen)
+    # the construction's packing check of policy and reference, then 2 steps × (4 rollout passes of
+    # mini_batch_size rows + 2 epochs × 4 mini-batches)
+    assert len(seen) == 2 + 24 and all(p.input_ids.shape[0] == 1 and (p.input_ids != 0).all() for p in seen)
     _assert_same_training(baseline, candidate)
 
 

@@ -26,8 +26,9 @@ def test_peft_policy_uses_the_adapter_free_base_as_reference(lora_model, tokeniz
     batch = make_batch(tokenizer, 4)
     assert trainer.step(*batch)["objective/kl"] == 0.0  # LoRA starts as the identity
     trainer.step(*batch)
-    ids, am, mask = trainer._pad_batch(batch[0], batch[1], None)
-    rollout = trainer._rollout(ids, am, mask)
+    padded = trainer._pad_batch(batch[0], batch[1], None)
+    ids, am = padded.input_ids, padded.attention_mask
+    rollout = trainer._rollout(padded)
     with lora_model.pretrained_model.disable_adapter(), torch.no_grad():
         base_logits = lora_model(input_ids=ids, attention_mask=am)[0][:, :-1]
     expected = torch.log_softmax(base_logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)

@@ -97,12 +97,13 @@ def test_every_kl_penalty(gpt2_dir, tokenizer, kl_penalty):
 def test_full_kl_is_the_exact_divergence(gpt2_dir, tokenizer):
     trainer = make_trainer(gpt2_dir, tokenizer, kl_penalty="full")
     q, r, _ = make_batch(tokenizer, 4)
-    ids, am, mask = trainer._pad_batch(q, r, None)
+    padded = trainer._pad_batch(q, r, None)
+    ids, am = padded.input_ids, padded.attention_mask
     with torch.no_grad():
         trainer.unwrapped_model.v_head.summary.weight.add_(1.0)  # values move, logits do not
         for p in trainer.unwrapped_model.pretrained_model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    rollout = trainer._rollout(ids, am, mask)
+    rollout = trainer._rollout(padded)
     with torch.no_grad():
         p_logits = trainer.unwrapped_model(input_ids=ids, attention_mask=am)[0][:, :-1]
         q_logits = trainer.ref_model(input_ids=ids, attention_mask=am)[0][:, :-1]
@@ -167,8 +168,8 @@ def test_response_masks_exclude_tokens(gpt2_dir, tokenizer):
     q, r, s = make_batch(tokenizer, 4, max_response=5)
     r = [torch.cat([x, torch.tensor([7, 8])]) for x in r]
     masks = [torch.cat([torch.ones(len(x) - 2, dtype=torch.long), torch.zeros(2, dtype=torch.long)]) for x in r]
-    _, _, full_mask = trainer._pad_batch(q, r, None)
-    _, _, partial = trainer._pad_batch(q, r, masks)
+    full_mask = trainer._pad_batch(q, r, None).mask
+    partial = trainer._pad_batch(q, r, masks).mask
     assert int(full_mask.sum() - partial.sum()) == 8
     stats = trainer.step(q, r, s, response_masks=masks)
     assert math.isfinite(stats["ppo/loss/total"])
@@ -178,7 +179,8 @@ def test_mask_marks_positions_predicting_response_tokens(gpt2_dir, tokenizer):
     trainer = make_trainer(gpt2_dir, tokenizer)
     q = [torch.tensor([5, 6, 7]), torch.tensor([5])]
     r = [torch.tensor([8, 9]), torch.tensor([8, 9, 10])]
-    ids, am, mask = trainer._pad_batch(q + q, r + r, None)
+    padded = trainer._pad_batch(q + q, r + r, None)
+    ids, am, mask = padded.input_ids, padded.attention_mask, padded.mask
     assert ids[0].tolist() == [5, 6, 7, 8, 9] and am[0].tolist() == [1, 1, 1, 1, 1]
     assert ids[1].tolist() == [5, 8, 9, 10, tokenizer.pad_token_id]
     assert mask[0].tolist() == [0, 0, 1, 1] and mask[1].tolist() == [1, 1, 1, 0]

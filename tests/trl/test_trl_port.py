@@ -285,6 +285,7 @@ def test_generate_ref_response_samples_the_reference(gpt2_dir, tokenizer):
     assert [b.tolist() for b in batched] == [s[0][0].tolist() for s in single]
     assert [b.tolist() for b in ref_batched] == [s[1][0].tolist() for s in single]
     assert [b.tolist() for b in batched] != [b.tolist() for b in ref_batched]
+    ref_model.eval()  # as generate samples: a model loaded for training is in train mode, with dropout
     for prompt, response in zip(PROMPTS, ref_batched):
         direct = ref_model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                     pad_token_id=tokenizer.pad_token_id, **GREEDY)

@@ -1,0 +1,109 @@
+"""The attention mask a forward pass hands the model, in a form the model never inspects on the host.
+
+Given a 2-D padding mask, transformers 5 asks the device whether it holds any pad before choosing
+SDPA's `is_causal` path (`masking_utils._ignore_causal_mask_sdpa`: a host read per forward), and
+GPT-2 checks for pad tokens when no mask is given (`warn_if_padding_and_no_attention_mask`). The
+trainer knows each row's length on the host, so it knows whether a pass is padded:
+
+- unpadded: no mask (`None`): the model takes SDPA's causal path as it would have after its check;
+- padded: the 4-D mask transformers itself would build (`create_causal_mask` without the
+  `is_causal` shortcut, which padding rules out anyway), which the model uses as it is.
+
+Either form is what the model would have computed from the 2-D mask, so the numbers do not move.
+`choose_form` finds, once per model, which forms it accepts — by running a padded and an unpadded
+probe both ways and comparing the logits — and which cost a read: a model that builds its mask
+without asking the device (eager attention) keeps the 2-D mask, as does one whose layers do not all
+use full causal attention (sliding windows).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..host_reads import HostReads
+
+
+class MaskForm(NamedTuple):
+    unpadded: str  # "none" (no mask), "prepared" (4-D) or "raw" (the 2-D mask)
+    padded: str  # "prepared" or "raw"
+
+
+RAW = MaskForm("raw", "raw")
+
+
+def _full_attention_only(config) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
+
+
+def prepared(causal_lm, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask `causal_lm` builds from a `[b, L]` padding mask when it cannot skip it."""
+    from transformers.masking_utils import create_causal_mask
+
+    batch, width = attention_mask.shape
+    shape_only = torch.empty((batch, width, 0), dtype=causal_lm.dtype, device=attention_mask.device)
+    return create_causal_mask(causal_lm.config, shape_only, attention_mask.bool(), None, allow_is_causal_skip=False)
+
+
+def model_mask(form: MaskForm, causal_lm, attention_mask: Optional[torch.Tensor], padded: Optional[bool]):
+    """What to pass as `attention_mask` for a pass whose padding is `padded` (None: not known on the host)."""
+    if attention_mask is None or padded is None:
+        return attention_mask
+    kind = form.padded if padded else form.unpadded
+    if kind == "none":
+        return None
+    return prepared(causal_lm, attention_mask) if kind == "prepared" else attention_mask
+
+
+@torch.no_grad()
+def choose_form(model, unwrapped, vocab_size: int, device: torch.device, float32: bool = True) -> MaskForm:
+    """The forms `model` (the value-head model, possibly accelerate-wrapped; `unwrapped` the bare one) accepts
+    with the logits of the 2-D mask. Every process must call it: under ZeRO-3/FSDP a forward is collective."""
+    causal_lm = unwrapped.causal_lm
+    if not _full_attention_only(causal_lm.config):
+        return RAW
+    ids = torch.tensor([[3, 5, 7, 11, 13], [17, 19, 23, 29, 31]], device=device) % vocab_size
+    padded_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], device=device)
+    unpadded_mask = torch.ones_like(padded_mask)
+    # the bare module's mode: a DeepSpeed engine's own `training` flag does not follow its train()/eval()
+    was_training = unwrapped.training
+    unwrapped.eval()
+
+    def logits(mask):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False)[0].float()
+
+    def same(got, want, where):
+        tolerance = (1e-5 if float32 else 2e-2) * (1.0 + float(want[where].abs().max()))
+        return bool((got[where] - want[where]).abs().max() <= tolerance)
+
+    def read_free(mask):
+        with HostReads() as reads:
+            out = logits(mask)
+        return out, reads.total == 0
+
+    try:
+        real, everywhere = padded_mask.bool(), torch.ones_like(padded_mask, dtype=torch.bool)
+        want, raw_free = read_free(padded_mask)
+        if raw_free:  # the model builds the mask without asking the device (eager): nothing to gain
+            padded = "raw"
+        else:
+            padded = "prepared" if same(logits(prepared(causal_lm, padded_mask)), want, real) else "raw"
+        want, raw_free = read_free(unpadded_mask)
+        without, none_free = read_free(None)
+        if none_free and same(without, want, everywhere):
+            unpadded = "none"
+        elif raw_free:
+            unpadded = "raw"
+        elif same(logits(prepared(causal_lm, unpadded_mask)), want, everywhere):
+            unpadded = "prepared"
+        else:
+            unpadded = "raw"
+    except (TypeError, ValueError, RuntimeError):  # a model that refuses a 4-D mask or no mask
+        return RAW
+    finally:
+        unwrapped.train(was_training)
+    return MaskForm(unpadded, padded)
