@@ -36,7 +36,7 @@ from .rollout.outputs import draw_lengths, list_output, single_output
 from .training import checks, inputs, padding, step_guard
 from .training import stats as step_statistics
 from .training.controllers import AdaptiveKLController, FixedKLController, RunningMoments
-from .training.experience import Experience, PaddedBatch, Rollout
+from .training.experience import Experience, PaddedBatch, Rollout, RowLayout
 from .training.forward_plan import ForwardPlan
 from .training.ppo_epochs import PPOEpochs
 from .training.trl_methods import TRLMethods
@@ -277,7 +277,8 @@ class PPOTrainer(TRLMethods):
             engine_logprobs = None
             if batch.rollout_logprobs is not None:
                 engine_logprobs = padding.place_responses(padded.attention_mask, [len(q) for q in batch.queries],
-                                                          batch.rollout_logprobs, padded.starts)
+                                                          batch.rollout_logprobs,
+                                                          None if padded.layout is None else padded.layout.starts)
         with _timed(timing, "time/ppo/compute_rewards", "fastppo/rewards"):
             kl_coef = self.kl_ctl.value
             full_kl = {} if rollout.full_kl is None else {"kl": rollout.full_kl}
@@ -290,7 +291,7 @@ class PPOTrainer(TRLMethods):
             experience = Experience(padded.input_ids, padded.attention_mask, padded.mask, old_logprobs=rollout.logprobs,
                                     old_values=values, advantages=advantages, returns=returns,
                                     rollout_logprobs=engine_logprobs if self.config.rollout_correction == "tis"
-                                    else None, lengths=padded.lengths)
+                                    else None, layout=padded.layout)
             train_stats, optimisation = self.ppo_epochs.run(experience)
         if optimisation["fastppo/skipped_nonfinite"] and not optimisation["fastppo/optimizer_steps"]:
             raise FloatingPointError(self.ppo_epochs.guard.failure_message(self.unwrapped_model, [
@@ -321,7 +322,7 @@ class PPOTrainer(TRLMethods):
         timing["time/ppo/total"] = time.time() - start
         stats.update(timing)
         stats.update(optimisation)
-        tokens = sum(padded.lengths) if padded.lengths is not None else float(padded.attention_mask.sum())
+        tokens = sum(padded.layout.lengths) if padded.layout is not None else float(padded.attention_mask.sum())
         stats["fastppo/tokens_per_s"] = tokens / max(timing["time/ppo/total"], 1e-9)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
@@ -373,8 +374,8 @@ class PPOTrainer(TRLMethods):
         starts = padding.row_starts(lengths, input_ids.shape[1], side) if known else None
         mask = padding.response_mask(attention_mask, [len(q) for q in queries], [len(r) for r in responses],
                                      response_masks, starts)
-        return PaddedBatch(input_ids, attention_mask, mask, tuple(starts) if known else None,
-                           tuple(lengths) if known else None)
+        layout = RowLayout(tuple(starts), tuple(lengths), tuple(len(q) for q in queries)) if known else None
+        return PaddedBatch(input_ids, attention_mask, mask, layout)
 
     @torch.no_grad()
     def _rollout(self, padded: PaddedBatch) -> Rollout:
@@ -384,9 +385,10 @@ class PPOTrainer(TRLMethods):
         if self.ref_model is not None:
             self.ref_model.eval()  # whatever mode it was left in: the reference's log-probs never get dropout
         parts = {"logprobs": [], "ref_logprobs": [], "values": [], "full_kl": []}
-        for rows in plan.rollout_slices(padded.attention_mask, padded.lengths):
+        layout = padded.layout
+        for rows in plan.rollout_slices(padded.attention_mask, None if layout is None else layout.lengths):
             batch = plan.prepare(padded.input_ids[rows], padded.attention_mask[rows], padded.mask[rows],
-                                 lengths=None if padded.lengths is None else padded.lengths[rows])
+                                 layout=None if layout is None else layout.select(rows))
             policy = plan.forward(self.model, batch)
             with self.optional_peft_ctx():
                 reference = plan.forward(self._reference_model(), batch)

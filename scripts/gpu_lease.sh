@@ -63,7 +63,10 @@ pytest=("$python" -m pytest -q -p no:cacheprovider)
 bench=("${pytest[@]}" bench/suites -k)
 not_compile="not compile and not reference and not liger"
 # STAGES picks and orders the stages (default: the standing checks); the follow-ups are opt-in:
-# bench-ragged (padded vs padding_free step) and bench-step-long (the R8192 step rows).
+# bench-ragged (padded vs padding_free step), bench-step-long (the R8192 step rows), tests-all (the whole
+# tests/ on CUDA but the slow multi-process ones), profile-step (per-phase host/device time and MFU at
+# R512/R2048), profile-ppo-loss (the loss's host path), bench-liger (Liger-Kernel's rows: carry its wheel
+# in .whl/, e.g. `pip download --no-deps liger-kernel -d .whl`, and pass carry=[".whl"]).
 stages=${STAGES:-tests-gpu tests-kernels sweep bench-logprobs bench-tokens bench-linear bench-step}
 for name in $stages; do
     case $name in
@@ -82,6 +85,12 @@ for name in $stages; do
         bench-step-long) stage "$name" 150 "${bench[@]}" "bench_step and not longest and 8192" \
             --benchmark-json "$work/results-step-long.json" ;;
         bench-ragged) stage "$name" 150 "${bench[@]}" "bench_ragged" --benchmark-json "$work/results-ragged.json" ;;
+        tests-all) stage "$name" 240 "${pytest[@]}" -n 8 -m "not slow" tests --ignore=tests/rollout/test_vllm_rollouts.py ;;
+        profile-step) stage "$name" 150 "$python" bench/tools/profile_step.py --lengths 512,2048 --steps 3 \
+            --json "$work/profile-step.json" ;;
+        profile-ppo-loss) stage "$name" 60 "$python" bench/tools/profile_ppo_loss.py ;;
+        bench-liger) "$python" -m pip install -q --no-index --no-deps .whl/liger_kernel-*.whl >"$work/liger-install.log" 2>&1
+            stage "$name" 120 "${bench[@]}" "liger" --benchmark-json "$work/results-liger.json" ;;
         *) echo "unknown stage $name" | tee -a "$work/summary.txt" ;;
     esac
 done

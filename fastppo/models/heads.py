@@ -64,14 +64,16 @@ def token_outputs(
     backend: str,
     return_entropy: bool = False,
     keep_logits: bool = False,
+    response_positions: Optional[tuple] = None,
     **model_kwargs,
 ) -> TokenOutputs:
     """Run `model` (possibly accelerate-wrapped; `unwrapped` is the bare module) on a batch.
 
     input_ids `[b, L]`; mask `[b, L-1]` marks the response positions.
     `keep_logits` ("full" only): logits the caller keeps, as TRL's model returns them (float32, never
-    overwritten by the log-probs' backward). `model_kwargs` go to the model (`attention_mask`, and a
-    packed batch's `position_ids`, `use_cache=False`).
+    overwritten by the log-probs' backward). `response_positions` ("response"/"fused"): (rows, columns) of the
+    response positions, built on the host (else found from `mask`: a host read). `model_kwargs` go to the model
+    (`attention_mask`, and a packed batch's `position_ids`, `use_cache=False`).
     """
     if keep_logits and mode != "full":
         raise ValueError(f"keep_logits needs the full-logits path, not {mode!r}")
@@ -85,9 +87,12 @@ def token_outputs(
         return TokenOutputs(logprobs, entropy, values[:, :-1], logits)
 
     hidden, _, values = model(input_ids=input_ids, output="hidden", **model_kwargs)
-    positions = mask.bool()
-    response_hidden = hidden[:, :-1][positions]  # [n, H]
-    response_labels = labels[positions]
+    if response_positions is None:
+        positions = mask.bool()
+        response_hidden, response_labels = hidden[:, :-1][positions], labels[positions]  # [n, H], [n]
+    else:  # every response position, masked or not (masked ones are zeroed after)
+        positions = response_positions
+        response_hidden, response_labels = hidden[positions], labels[positions]
     head = unwrapped.lm_head
     logits = None
     if mode == "fused":
@@ -98,19 +103,24 @@ def token_outputs(
         out = ops.logprobs_from_logits(logits, response_labels, return_entropy=return_entropy, backend=backend,
                                        inplace_backward=True)
     logprobs, entropy = out if return_entropy else (out, None)
-    return TokenOutputs(_scatter(logprobs, positions), _scatter(entropy, positions) if return_entropy else None,
-                        values[:, :-1], logits)
+    return TokenOutputs(_scatter(logprobs, positions, mask), _scatter(entropy, positions, mask) if return_entropy
+                        else None, values[:, :-1], logits)
 
 
-def full_kl(policy: TokenOutputs, reference: TokenOutputs, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    """Exact per-position KL `[b, L-1]` from two outputs' logits (0 off the response in "response" mode)."""
+def full_kl(policy: TokenOutputs, reference: TokenOutputs, mask: torch.Tensor, backend: str,
+            response_positions: Optional[tuple] = None) -> torch.Tensor:
+    """Exact per-position KL `[b, L-1]` from two outputs' logits (0 off the response in "response" mode, whose
+    logits are at `response_positions`, or at `mask`'s positions when those are None)."""
     kl = ops.full_kl(policy.logits, reference.logits, backend=backend)
     if policy.logits.dim() == 2:  # response rows only
-        kl = _scatter(kl, mask.bool())
+        kl = _scatter(kl, mask.bool() if response_positions is None else response_positions, mask)
     return kl
 
 
-def _scatter(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """`[n]` values at the True entries of `positions` `[b, L-1]` → `[b, L-1]`, zeros elsewhere (differentiable)."""
-    out = values.new_zeros(positions.shape)
-    return out.masked_scatter(positions, values)
+def _scatter(values: torch.Tensor, positions, mask: torch.Tensor) -> torch.Tensor:
+    """`[n]` values at `positions` → `mask`'s shape `[b, L-1]`, zeros elsewhere and where `mask` is 0
+    (differentiable). `positions`: a bool tensor of that shape, or (rows, columns) index tensors."""
+    out = values.new_zeros(mask.shape)
+    if isinstance(positions, torch.Tensor):
+        return out.masked_scatter(positions, values)
+    return out.index_put(positions, values) * mask

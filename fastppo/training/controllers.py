@@ -66,12 +66,14 @@ class RunningMoments:
         total = self.count + batch_count
         old_sum = self.var * self.count + delta**2 * self.count * batch_count / total
         new_var = (old_sum + batch_var * batch_count) / total
-        self.mean += (delta * batch_count / total).item()
-        self.std = (new_var * total / (total - 1)).sqrt().item()
-        self.var = new_var.item()
-        self.count = total
-        batch_std = (batch_var * batch_count / max(batch_count - 1, 1)).sqrt().item()
-        return batch_mean.item(), batch_std
+        batch_std = (batch_var * batch_count / max(batch_count - 1, 1)).sqrt()
+        # one host read for the five numbers (TRL reads each with .item(): the same float32 values)
+        mean_step, std, var, batch_mean, batch_std = torch.stack([
+            delta * batch_count / total, (new_var * total / (total - 1)).sqrt(), new_var, batch_mean, batch_std,
+        ]).tolist()
+        self.mean += mean_step
+        self.std, self.var, self.count = std, var, total
+        return batch_mean, batch_std
 
     def state_dict(self) -> dict:
         return asdict(self)

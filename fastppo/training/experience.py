@@ -17,14 +17,27 @@ import torch
 from . import host_index
 
 
+class RowLayout(NamedTuple):
+    """Where each row's tokens are, known on the host: first real column, real tokens, query tokens."""
+
+    starts: tuple
+    lengths: tuple
+    query_lengths: tuple
+
+    def select(self, rows) -> "RowLayout":
+        """The layout of some rows: a slice, or host row indices."""
+        if isinstance(rows, slice):
+            return RowLayout(*(field[rows] for field in self))
+        return RowLayout(*(tuple(field[i] for i in rows) for field in self))
+
+
 class PaddedBatch(NamedTuple):
     """The step's query + response rows as the model reads them."""
 
     input_ids: torch.Tensor  # [B, L] int64, pads = the tokenizer's pad token
     attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
     mask: torch.Tensor  # [B, L-1] int64: 1 where position t predicts a trained response token
-    starts: Optional[tuple] = None  # each row's first real column (host ints; None: padded by a user's collator)
-    lengths: Optional[tuple] = None  # each row's real tokens (host ints; None as above)
+    layout: Optional[RowLayout] = None  # None: padded by a user's collator, so not known on the host
 
 
 class Rollout(NamedTuple):
@@ -54,7 +67,7 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor
     rollout_logprobs: Optional[torch.Tensor] = None
-    lengths: Optional[tuple] = None  # each row's real tokens, host ints (None: unknown)
+    layout: Optional[RowLayout] = None  # where each row's tokens are, on the host (None: unknown)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -67,9 +80,8 @@ class Experience:
         selected = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "lengths":
-                selected[field.name] = None if value is None else (
-                    value[rows] if isinstance(rows, slice) else tuple(value[i] for i in rows))
+            if field.name == "layout":
+                selected[field.name] = None if value is None else value.select(rows)
             else:
                 selected[field.name] = None if value is None else value[index]
         return Experience(**selected)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from accelerate.utils.memory import clear_device_cache
 
 from .. import sharding
 from ..models import attention_masks, heads
-from . import microbatch, packing
+from . import host_index, microbatch, packing
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Pass(NamedTuple):
     mask: torch.Tensor  # [b, L-1], or [1, N-1] packed: the response mask at the pass's positions
     packed: Optional[packing.Packed]  # how packed positions map to the grid (None: padded)
     padded: Optional[bool] = None  # whether any row is shorter than L (None: not known on the host)
+    response: Optional[tuple] = None  # (rows, columns) of the response positions in the pass (None: not known)
 
     @property
     def rows(self) -> int:
@@ -42,6 +44,16 @@ class Pass(NamedTuple):
         """Per-position values of this pass → the rows' `[b, L-1]` grid (zeros where no real token is
         predicted); differentiable. A padded pass is already on the grid."""
         return values if self.packed is None else packing.unpack(values, self.packed)
+
+
+def _response_positions(firsts, layout, width: int, device) -> tuple:
+    """(rows, columns) long tensors of every response position of the pass, built on the host: row i's response
+    predicts from column firsts[i] + query − 1 on (a packed pass is one row: `width` 0)."""
+    counts = [n - q for n, q in zip(layout.lengths, layout.query_lengths)]
+    flat = host_index.spans([f + q - 1 for f, q in zip(firsts, layout.query_lengths)], counts, width)
+    both = host_index.to_device(np.stack([flat // width, flat % width]) if width else
+                                np.stack([np.zeros_like(flat), flat]), device)
+    return both[0], both[1]
 
 
 class ForwardPlan:
@@ -69,10 +81,11 @@ class ForwardPlan:
                                                                                 self.rollout_rows)]
         return self._token_budget_slices(attention_mask, lengths)
 
-    def micro_batches(self, attention_mask: torch.Tensor, mask: torch.Tensor, lengths: Optional[tuple] = None) -> list:
+    def micro_batches(self, attention_mask: torch.Tensor, mask: torch.Tensor, layout=None) -> list:
         """A mini-batch's `(rows, weight)` passes: the whole mini-batch with weight 1, or token-budget slices
         weighted by their share of its response tokens. Every term of the PPO loss is a masked mean over
         those tokens, so the weighted sum of the slices' losses has the unsplit mini-batch's gradient."""
+        lengths = None if layout is None else layout.lengths
         slices = self._token_budget_slices(attention_mask, lengths) if self.token_budget is not None else []
         if len(slices) <= 1:
             return [(slice(0, attention_mask.shape[0]), 1.0)]
@@ -99,15 +112,23 @@ class ForwardPlan:
     # ------------------------------------------------------------------ one pass
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                pack: Optional[bool] = None, lengths: Optional[tuple] = None) -> Pass:
+                pack: Optional[bool] = None, layout=None) -> Pass:
         """The pass of these `[b, L]` rows (right-padded when packed) and their `[b, L-1]` response mask;
         `pack` overrides `padding_free` (TRL's `batched_forward_pass` takes rows padded on either side).
-        `lengths`: the rows' real tokens, if the host knows them (then nothing is read back to build the pass)."""
+        `layout`: the rows' `RowLayout`, if the host knows it (then nothing is read back to build the pass, and
+        the response-only head paths gather their positions by a host-built index)."""
+        width = input_ids.shape[1]
         if not (self.padding_free if pack is None else pack):
-            padded = None if lengths is None else any(n < input_ids.shape[1] for n in lengths)
-            return Pass(input_ids, attention_mask, mask, None, padded)
-        packed = packing.pack(input_ids, attention_mask, mask, lengths)
-        return Pass(packed.input_ids, None, packed.mask, packed)
+            padded = None if layout is None else any(n < width for n in layout.lengths)
+            response = None if layout is None or self.head_mode == "full" else _response_positions(
+                layout.starts, layout, width - 1, input_ids.device)
+            return Pass(input_ids, attention_mask, mask, None, padded, response)
+        packed = packing.pack(input_ids, attention_mask, mask, None if layout is None else layout.lengths)
+        response = None
+        if layout is not None and self.head_mode != "full":  # in the packed row: each sequence from its offset
+            offsets = np.cumsum(layout.lengths) - np.asarray(layout.lengths)
+            response = _response_positions(offsets, layout, 0, input_ids.device)
+        return Pass(packed.input_ids, None, packed.mask, packed, response=response)
 
     def forward(self, model, batch: Pass, return_entropy: bool = False,
                 keep_logits: bool = False) -> heads.TokenOutputs:
@@ -122,13 +143,14 @@ class ForwardPlan:
             kwargs = packing.call_kwargs(batch.packed, unwrapped.causal_lm)
         out = heads.token_outputs(model, unwrapped, batch.input_ids, batch.mask,
                                   "full" if keep_logits else self.head_mode, self.backend,
-                                  return_entropy=return_entropy, keep_logits=keep_logits, **kwargs)
+                                  return_entropy=return_entropy, keep_logits=keep_logits,
+                                  response_positions=batch.response, **kwargs)
         return heads.TokenOutputs(batch.to_grid(out.logprobs), batch.to_grid(out.entropy), batch.to_grid(out.values),
                                   out.logits)
 
     def full_kl(self, batch: Pass, policy: heads.TokenOutputs, reference: heads.TokenOutputs) -> torch.Tensor:
         """The exact per-position KL of two outputs of this pass, on the grid `[b, L-1]`."""
-        return batch.to_grid(heads.full_kl(policy, reference, batch.mask, self.backend))
+        return batch.to_grid(heads.full_kl(policy, reference, batch.mask, self.backend, batch.response))
 
     def release_cache(self) -> None:
         """TRL's `optimize_device_cache`: hand cached accelerator memory back after each pass."""

@@ -99,7 +99,7 @@ class PPOEpochs:
         mean ratio before any backward, so a split mini-batch finds it in a no-grad pass first.
         """
         config = self.config
-        micro = self.plan.micro_batches(experience.attention_mask, experience.mask, experience.lengths)
+        micro = self.plan.micro_batches(experience.attention_mask, experience.mask, experience.layout)
         skip = None
         if len(micro) > 1:
             with torch.no_grad():
@@ -135,7 +135,7 @@ class PPOEpochs:
     def loss(self, experience: Experience) -> tuple:
         """The training forward and the PPO loss of some rows: (PPOLossOutput, entropy `[b, L-1]`, non-finite flags)."""
         batch = self.plan.prepare(experience.input_ids, experience.attention_mask, experience.mask,
-                                  lengths=experience.lengths)
+                                  layout=experience.layout)
         logprobs, entropy, values, _ = self.plan.forward(self.model, batch, return_entropy=True)
         out = ppo_loss_for(self.config, logprobs, experience.old_logprobs, values.float(), experience.old_values,
                        experience.advantages, experience.returns, experience.mask, experience.rollout_logprobs)

@@ -14,7 +14,8 @@ from conftest import make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from fastppo.host_reads import HostReads
 
-# The input check (ids in the vocabulary, finite scores, 0/1 masks), the optimizer steps' guard flags, the stats.
+# The input check (ids in the vocabulary, finite scores, 0/1 masks), the optimizer steps' guard flags, the stats;
+# the running score moments when use_score_scaling is on.
 BUDGET = 4
 SHAPES = {  # batch, mini-batch, epochs, gradient accumulation
     "B4-mb2-e1": dict(batch_size=4, mini_batch_size=2, ppo_epochs=1),
@@ -26,6 +27,9 @@ SWITCHES = {
     "token_budget": dict(max_tokens_per_microbatch=16),
     "padding_free_token_budget": dict(padding_free=True, max_tokens_per_microbatch=16),
     "full_kl_whiten": dict(kl_penalty="full", whiten_rewards=True),
+    "response_logits_packed": dict(response_only_logits=True, padding_free=True, kl_penalty="full"),
+    "fused_head": dict(fused_lm_head=True),
+    "score_scaling": dict(use_score_scaling=True, use_score_norm=True, score_clip=2.0),
 }
 
 
@@ -78,6 +82,7 @@ def test_the_counter_counts_what_waits_for_the_device():
     assert all("test_host_reads.py" in site for site, _ in reads.by_site())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
 def test_a_cuda_step_synchronises_within_the_budget(model_dirs, tokenizer):
     """The same budget counted by CUDA itself: every synchronising call warns in sync debug mode."""

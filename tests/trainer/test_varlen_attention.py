@@ -190,3 +190,28 @@ def test_install_through_the_value_head_and_saving(tmp_path):
     eager = _gpt2()
     eager.set_attn_implementation("eager")
     assert va.install(eager) == "transformers:eager" and eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels run on CUDA")
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_the_cuda_varlen_kernel_equals_each_sequence_alone(build):
+    """bf16 on a GPU: flash-attn's or torch's varlen kernel (whichever `choose_kernel` picks) against SDPA on
+    each sequence alone, logits and gradients, to bf16 tolerance."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    apart_model = build().to(device, torch.bfloat16).eval()
+    packed_model = copy.deepcopy(apart_model)
+    assert va.install(packed_model) in ("flash_attn", "torch_varlen")
+    sequences = [ids.to(device) for ids in _sequences()]
+    weights = torch.randn(1, sum(LENGTHS), 64, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    want, want_grads = _apart(apart_model, sequences, weights)
+    packed_model.zero_grad()
+    logits = packed_model(input_ids=torch.cat(sequences, dim=1), use_cache=False,
+                          **va.packed_kwargs(LENGTHS, device)).logits
+    (logits * weights).sum().backward()
+    bf16 = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(logits.detach().float(), want.float(), **bf16)
+    for name, grad in _grads(packed_model).items():
+        scale = want_grads[name].float().abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(grad.float() / scale, want_grads[name].float() / scale, **bf16, msg=name)
