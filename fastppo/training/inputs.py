@@ -31,15 +31,15 @@ def _indexed(device: torch.device) -> torch.device:
     return torch.device(device.type, getattr(torch, device.type).current_device())
 
 
-def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` moved to `device`; CPU tensors move, tensors on another accelerator are an error."""
+def _check_reachable(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    """ValueError unless `tensor` is on the CPU or on `device` (moved later, with the others: `move_all`)."""
     if tensor.device.type == "cpu" or _indexed(tensor.device) == _indexed(device):
-        return tensor.to(device)
+        return
     raise ValueError(f"{name} is on {tensor.device}, but the trainer runs on {device}; pass CPU tensors or tensors on {device}")
 
 
 def move_all(tensors: Sequence[torch.Tensor], device: torch.device, dtype: Optional[torch.dtype] = None) -> list:
-    """`tensors` (checked with `check_device`) as `dtype` (None: the first one's) on `device`; those on the CPU
+    """`tensors` (checked with `_check_reachable`) as `dtype` (None: the first one's) on `device`; those on the CPU
     travel together, in one copy through pinned memory (a copy per tensor would make the host wait each time)."""
     on_host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
     dtype = tensors[0].dtype if dtype is None else dtype
@@ -54,7 +54,7 @@ def move_all(tensors: Sequence[torch.Tensor], device: torch.device, dtype: Optio
 
 def check_token_ids(name: str, tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     """One 1-D, non-empty integer tensor of ids in [0, vocab_size), returned as int64 on `device`."""
-    checked = _token_tensor(name, tensor, device)
+    checked = move_all([_token_tensor(name, tensor, device)], device, torch.long)[0]
     _check_vocabulary([name], [checked], vocab_size)
     return checked
 
@@ -87,7 +87,7 @@ def _token_tensor(name: str, tensor, device: torch.device) -> torch.Tensor:
         raise ValueError(f"{name} must be 1-D (one sequence of token ids), got shape {tuple(tensor.shape)}")
     if tensor.numel() == 0:
         raise ValueError(f"{name} is empty; every sequence needs at least one token")
-    check_device(name, tensor, device)
+    _check_reachable(name, tensor, device)
     return tensor
 
 
@@ -145,7 +145,7 @@ def _score_tensor(scores, batch_size: int, device: torch.device) -> torch.Tensor
                 raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(item.shape)}")
             if item.dtype == torch.bool or item.is_complex():
                 raise TypeError(f"{name} must be a real number, got dtype {item.dtype}")
-            check_device(name, item, device)
+            _check_reachable(name, item, device)
             values.append(item.reshape(()))
         elif isinstance(item, numbers.Real) and not isinstance(item, bool):
             values.append(torch.tensor(float(item)))
@@ -170,7 +170,8 @@ def check_response_masks(response_masks, responses: Sequence[torch.Tensor], devi
             raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
         if mask.shape != response.shape:
             raise ValueError(f"{name} has shape {tuple(mask.shape)} but responses[{i}] has shape {tuple(response.shape)}")
-        checked.append(check_device(name, mask, device))
+        _check_reachable(name, mask, device)
+        checked.append(mask)
     return move_all(checked, device, torch.float64)  # exact for 0/1 of any dtype, and shows a 0.5
 
 
@@ -210,7 +211,8 @@ def check_rollout_logprobs(rollout_logprobs, responses: Sequence[torch.Tensor], 
             raise TypeError(f"{name} must hold floating-point log-probs, got dtype {logprobs.dtype}")
         if logprobs.shape != response.shape:
             raise ValueError(f"{name} has shape {tuple(logprobs.shape)} but responses[{i}] has shape {tuple(response.shape)}")
-        checked.append(check_device(name, logprobs, device))
+        _check_reachable(name, logprobs, device)
+        checked.append(logprobs)
     return move_all(checked, device, torch.float32)
 
 
