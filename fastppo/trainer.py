@@ -125,6 +125,7 @@ class PPOTrainer(TRLMethods):
         self.current_device = self.accelerator.device
 
         self.forward_plan = ForwardPlan(config, self.accelerator, self.head_mode)
+        self.forward_plan.install_attention(self.model, self.ref_model)
         self.forward_plan.check_models_pack(self.model, self.ref_model, self.vocab_size)
         self.rollout_engine, self.hf_engine = build_engines(config, self.accelerator, tokenizer)
         guard = step_guard.StepGuard(config, self.accelerator, self.model, self.optimizer)

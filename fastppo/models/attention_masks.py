@@ -5,7 +5,9 @@ SDPA's `is_causal` path (`masking_utils._ignore_causal_mask_sdpa`: a host read p
 GPT-2 checks for pad tokens when no mask is given (`warn_if_padding_and_no_attention_mask`). The
 trainer knows each row's length on the host, so it knows whether a pass is padded:
 
-- unpadded: no mask (`None`): the model takes SDPA's causal path as it would have after its check;
+- unpadded: SDPA's causal path without a mask, as the model takes it after its check — through
+  `varlen_attention`'s causal marker where the trainer installed that implementation (every SDPA
+  model), else `None` where that costs no read;
 - padded: the 4-D mask transformers itself would build (`create_causal_mask` without the
   `is_causal` shortcut, which padding rules out anyway), which the model uses as it is.
 
@@ -23,10 +25,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..host_reads import HostReads
+from . import varlen_attention
 
 
 class MaskForm(NamedTuple):
-    unpadded: str  # "none" (no mask), "prepared" (4-D) or "raw" (the 2-D mask)
+    unpadded: str  # "causal" (varlen_attention's causal marker), "none" (no mask), "prepared" (4-D) or "raw" (2-D)
     padded: str  # "prepared" or "raw"
 
 
@@ -49,14 +52,16 @@ def prepared(causal_lm, attention_mask: torch.Tensor) -> torch.Tensor:
     return create_causal_mask(causal_lm.config, shape_only, attention_mask.bool(), None, allow_is_causal_skip=False)
 
 
-def model_mask(form: MaskForm, causal_lm, attention_mask: Optional[torch.Tensor], padded: Optional[bool]):
-    """What to pass as `attention_mask` for a pass whose padding is `padded` (None: not known on the host)."""
+def mask_kwargs(form: MaskForm, causal_lm, attention_mask: Optional[torch.Tensor], padded: Optional[bool]) -> dict:
+    """The attention kwargs of a pass whose padding is `padded` (None: not known on the host)."""
     if attention_mask is None or padded is None:
-        return attention_mask
+        return {"attention_mask": attention_mask}
     kind = form.padded if padded else form.unpadded
+    if kind == "causal":
+        return varlen_attention.causal_kwargs(attention_mask.device)
     if kind == "none":
-        return None
-    return prepared(causal_lm, attention_mask) if kind == "prepared" else attention_mask
+        return {"attention_mask": None}
+    return {"attention_mask": prepared(causal_lm, attention_mask) if kind == "prepared" else attention_mask}
 
 
 @torch.no_grad()
@@ -73,35 +78,39 @@ def choose_form(model, unwrapped, vocab_size: int, device: torch.device, float32
     was_training = unwrapped.training
     unwrapped.eval()
 
-    def logits(mask):
-        return model(input_ids=ids, attention_mask=mask, use_cache=False)[0].float()
+    def logits(mask, **kwargs):
+        return model(input_ids=ids, use_cache=False, **(kwargs or {"attention_mask": mask}))[0].float()
 
     def same(got, want, where):
         tolerance = (1e-5 if float32 else 2e-2) * (1.0 + float(want[where].abs().max()))
         return bool((got[where] - want[where]).abs().max() <= tolerance)
 
-    def read_free(mask):
+    def read_free(mask, **kwargs):
         with HostReads() as reads:
-            out = logits(mask)
+            out = logits(mask, **kwargs)
         return out, reads.total == 0
 
-    try:
+    try:  # the same five forwards on every process, whatever they show (collective under ZeRO-3/FSDP)
         real, everywhere = padded_mask.bool(), torch.ones_like(padded_mask, dtype=torch.bool)
-        want, raw_free = read_free(padded_mask)
-        if raw_free:  # the model builds the mask without asking the device (eager): nothing to gain
+        padded_raw, padded_raw_free = read_free(padded_mask)
+        padded_prepared = logits(prepared(causal_lm, padded_mask))
+        unpadded_raw, unpadded_raw_free = read_free(unpadded_mask)
+        without, without_free = read_free(None)
+        unpadded_prepared = logits(prepared(causal_lm, unpadded_mask))
+        varlen = causal_lm.config._attn_implementation == varlen_attention.NAME
+        causal, causal_free = read_free(None, **varlen_attention.causal_kwargs(device)) if varlen else (None, False)
+        if padded_raw_free:  # the model builds the mask without asking the device (eager): nothing to gain
             padded = "raw"
         else:
-            padded = "prepared" if same(logits(prepared(causal_lm, padded_mask)), want, real) else "raw"
-        want, raw_free = read_free(unpadded_mask)
-        without, none_free = read_free(None)
-        if none_free and same(without, want, everywhere):
+            padded = "prepared" if same(padded_prepared, padded_raw, real) else "raw"
+        if causal_free and same(causal, unpadded_raw, everywhere):
+            unpadded = "causal"
+        elif without_free and same(without, unpadded_raw, everywhere):
             unpadded = "none"
-        elif raw_free:
+        elif unpadded_raw_free:
             unpadded = "raw"
-        elif same(logits(prepared(causal_lm, unpadded_mask)), want, everywhere):
-            unpadded = "prepared"
         else:
-            unpadded = "raw"
+            unpadded = "prepared" if same(unpadded_prepared, unpadded_raw, everywhere) else "raw"
     except (TypeError, ValueError, RuntimeError):  # a model that refuses a 4-D mask or no mask
         return RAW
     finally:

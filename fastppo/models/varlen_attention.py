@@ -15,7 +15,8 @@ attention function dispatches on the call's own kwargs, so a layer recomputed un
 - without: transformers' own `sdpa_attention_forward`, with `sdpa_mask` registered as the mask function,
   so padded batches and `generate` run exactly as on "sdpa".
 
-The packed caller passes `packed_kwargs(lengths, device)`. Its `attention_mask` is an empty 4D tensor: a
+A caller whose rows are unpadded passes `causal_kwargs(device)` instead: the same marker, and SDPA's
+own causal path. The packed caller passes `packed_kwargs(lengths, device)`. Its `attention_mask` is an empty 4D tensor: a
 4D mask is returned as is by `_preprocess_mask_arguments` before it looks at position ids, so neither
 `find_packed_sequence_indices` nor the mask function runs, and it is not None, so GPT-2 skips its pad check.
 The attention function ignores that marker on the packed path and refuses it on any other.
@@ -31,12 +32,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["KERNELS", "NAME", "SEQ_LENS", "call_kwargs", "choose_kernel", "install", "packed_kwargs"]
+__all__ = ["CAUSAL", "KERNELS", "NAME", "SEQ_LENS", "call_kwargs", "causal_kwargs", "choose_kernel", "install",
+           "packed_kwargs"]
 
 # No "sdpa"/"flash"/"flex"/"paged" in the name: transformers picks checks and fallbacks by substring.
 NAME = "fastppo_varlen"
 KERNELS = ("flash_attn", "torch_varlen", "sdpa_per_sequence")
 SEQ_LENS = "fastppo_seq_lens"  # our own kwarg: the lengths as Python ints, for the per-sequence path
+CAUSAL = "fastppo_causal"  # our own kwarg: unpadded rows, plain causal attention (causal_kwargs)
 _HALF = (torch.float16, torch.bfloat16)  # what the varlen CUDA kernels compute in
 
 
@@ -127,8 +130,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if kwargs.get("cu_seq_lens_q") is not None:
         return _packed(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if _is_marker(attention_mask):
+        if kwargs.pop(CAUSAL, False):  # unpadded rows: SDPA's own causal path, no mask at all
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                          is_causal=is_causal, **kwargs)
         raise ValueError(f"{NAME}: packed_kwargs()' attention_mask without its cu_seq_lens_q; pass all of "
-                         "packed_kwargs() or a real attention mask")
+                         "packed_kwargs() (or causal_kwargs()) or a real attention mask")
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
@@ -190,3 +196,10 @@ def call_kwargs(position_ids: torch.Tensor, cu_seq_lens: torch.Tensor, lengths) 
         "max_length_k": longest,
         SEQ_LENS: tuple(lengths),
     }
+
+
+def causal_kwargs(device) -> dict:
+    """The kwargs of a model call on unpadded rows `[b, L]`: plain causal attention through SDPA's `is_causal` path
+    (its flash kernel on a GPU), as transformers takes it for an all-ones mask, but decided on the host: the
+    marker mask skips transformers' check of the mask (a host read) and GPT-2's look for pad tokens."""
+    return {"attention_mask": torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device), CAUSAL: True}

@@ -137,7 +137,7 @@ class ForwardPlan:
         `keep_logits`: the full `[b, L-1, V]` logits as TRL's model returns them, whatever the configured path."""
         unwrapped = sharding.unwrap(self.accelerator, model)
         if batch.packed is None:  # no cache: transformers would build one on each pass for nothing
-            kwargs = {"use_cache": False, "attention_mask": attention_masks.model_mask(
+            kwargs = {"use_cache": False, **attention_masks.mask_kwargs(
                 self._mask_form(model, unwrapped), unwrapped.causal_lm, batch.attention_mask, batch.padded)}
         else:
             kwargs = packing.call_kwargs(batch.packed, unwrapped.causal_lm)
@@ -172,10 +172,18 @@ class ForwardPlan:
         return self.accelerator.mixed_precision == "no" and all(
             p.dtype == torch.float32 for p in sharding.unwrap(self.accelerator, model).parameters())
 
+    def install_attention(self, policy, reference) -> None:
+        """Switch the policy and the reference (None: none) from SDPA to `fastppo.models.varlen_attention`'s
+        implementation (SDPA itself for every call but unpadded and packed passes, which it runs without a mask
+        and without a host read); what packed passes will run is kept in `packed_attention`."""
+        for name, model in (("the policy", policy), ("the reference", reference)):
+            if model is not None:
+                self.packed_attention[name] = packing.install_varlen(sharding.unwrap(self.accelerator, model).causal_lm)
+
     def check_models_pack(self, policy, reference, vocab_size: int) -> None:
-        """With `padding_free`: switch the policy and the reference (None: none) to varlen attention where they run
-        SDPA (logged, and kept in `packed_attention`), then refuse either if its packed logits differ from its
-        unpacked ones. Every process must call it: under ZeRO-3/FSDP a forward is collective."""
+        """With `padding_free`: refuse the policy or the reference (None: none) if its packed logits differ from its
+        unpacked ones, and log the attention packed passes run. Every process must call it: under ZeRO-3/FSDP a
+        forward is collective."""
         if not self.padding_free:
             return
         float32 = self._float32(policy)
@@ -183,7 +191,6 @@ class ForwardPlan:
             if model is None:
                 continue
             unwrapped = sharding.unwrap(self.accelerator, model)
-            self.packed_attention[name] = packing.install_varlen(unwrapped.causal_lm)
             lm = unwrapped.causal_lm
             where = f"({type(lm).__name__}, attention {lm.config._attn_implementation})"
             packing.check_model_packs(model, unwrapped, vocab_size, self.accelerator.device,

@@ -103,3 +103,41 @@ def test_a_cuda_step_synchronises_within_the_budget(model_dirs, tokenizer):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= BUDGET, syncs
+
+
+@pytest.mark.parametrize("name,attention,expected", [
+    ("gpt2", "eager", ("raw", "raw")),  # eager builds its mask without a read: left alone
+    ("gpt2", "sdpa", ("prepared", "prepared")),  # GPT-2 looks for pads when given no mask
+    ("llama", "sdpa", ("prepared", "prepared")),  # Llama's position ids make no mask a packed-sequence search
+    ("gpt2", "varlen", ("causal", "prepared")),  # installed by the trainer on SDPA models: SDPA's causal path
+    ("llama", "varlen", ("causal", "prepared")),
+])
+def test_each_model_gets_the_mask_form_it_reads_least(model_dirs, name, attention, expected):
+    from fastppo.models import attention_masks, varlen_attention
+
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        model_dirs[name], attn_implementation="sdpa" if attention == "varlen" else attention)
+    if attention == "varlen":
+        varlen_attention.install(model)
+    form = attention_masks.choose_form(model, model, 64, torch.device("cpu"))
+    assert tuple(form) == expected
+    assert model.training  # the probe restores the mode it found
+
+
+def test_the_trainer_runs_unpadded_rows_on_sdpas_causal_path(model_dir, tokenizer):
+    """Rows of one length: no mask at all reaches SDPA (its is_causal path, flash on a GPU) and nothing is read."""
+    import torch.nn.functional as F
+
+    trainer = _trainer(model_dir, tokenizer, batch_size=4, mini_batch_size=2)
+    queries = [torch.arange(2, 6) for _ in range(4)]
+    responses = [torch.arange(6, 12) for _ in range(4)]
+    trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
+    seen, sdpa = [], F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda *a, **k: seen.append((k.get("attn_mask"), k.get("is_causal"))) or sdpa(*a, **k)
+    try:
+        with HostReads() as reads:
+            trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    assert seen and all(mask is None and causal for mask, causal in seen)
+    assert reads.total <= BUDGET, reads.report()
