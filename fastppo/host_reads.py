@@ -84,24 +84,18 @@ class HostReads(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.sites: collections.Counter = collections.Counter()
-        self._inside = False
         self._host_copies = {}  # id → weakref of the results of counted copies to the CPU: reading them is free
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # the mode is off while this runs, so a read inside a read (repr → item) is not seen again
         kwargs = kwargs or {}
-        if not self._inside:
-            self._inside = True  # a read made while handling a read (repr → item) counts once
-            try:
-                reads = _reads_values(func, args, kwargs) and not (args and self._is_host_copy(args[0]))
-                if reads:
-                    self.sites[_call_site()] += 1
-            finally:
-                self._inside = False
-            result = func(*args, **kwargs)
-            if reads and func in _TO_HOST and isinstance(result, torch.Tensor):
-                self._host_copies[id(result)] = weakref.ref(result)
-            return result
-        return func(*args, **kwargs)
+        reads = _reads_values(func, args, kwargs) and not (args and self._is_host_copy(args[0]))
+        if reads:
+            self.sites[_call_site()] += 1
+        result = func(*args, **kwargs)
+        if reads and func in _TO_HOST and isinstance(result, torch.Tensor):
+            self._host_copies[id(result)] = weakref.ref(result)
+        return result
 
     def _is_host_copy(self, value) -> bool:
         ref = self._host_copies.get(id(value)) if isinstance(value, torch.Tensor) else None

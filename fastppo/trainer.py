@@ -35,7 +35,7 @@ from .rollout import build_engines
 from .rollout.outputs import draw_lengths, list_output, single_output
 from .training import checks, inputs, padding, step_guard
 from .training import stats as step_statistics
-from .training.controllers import AdaptiveKLController, FixedKLController, RunningMoments
+from .training.controllers import AdaptiveKLController, FixedKLController, RunningMoments, prepare_scores
 from .training.experience import Experience, PaddedBatch, Rollout, RowLayout
 from .training.forward_plan import ForwardPlan
 from .training.ppo_epochs import PPOEpochs
@@ -269,7 +269,7 @@ class PPOTrainer(TRLMethods):
 
     def _step(self, batch: inputs.StepInputs) -> dict:
         timing, start = {}, time.time()
-        scores = self._prepare_scores(batch.scores)
+        scores = prepare_scores(batch.scores, self.config, self.running, self.accelerator)
         self._push_if_best(scores)
 
         with _timed(timing, "time/ppo/forward_pass", "fastppo/rollout_forward"):
@@ -328,19 +328,6 @@ class PPOTrainer(TRLMethods):
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         return stats
-
-    def _prepare_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """Running-moment scaling/normalisation, then clipping, as configured."""
-        if self.config.use_score_scaling:
-            self.running.update(scores, self.accelerator)
-            scale = self.running.std + torch.finfo(scores.dtype).eps
-            if self.config.use_score_norm:
-                scores = (scores - self.running.mean) / scale
-            else:
-                scores = scores / scale
-        if self.config.score_clip is not None:
-            scores = torch.clamp(scores, -self.config.score_clip, self.config.score_clip)
-        return scores
 
     def _push_if_best(self, scores: torch.Tensor) -> None:
         """TRL's `push_to_hub_if_best_kwargs`: every `compare_steps` steps, push the policy that produced

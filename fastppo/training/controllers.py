@@ -1,4 +1,5 @@
-"""Small pieces of trainer state: the KL coefficient controllers and the running score moments."""
+"""Small pieces of trainer state: the KL coefficient controllers, the running score moments and the score
+scaling they drive."""
 
 from __future__ import annotations
 
@@ -81,3 +82,15 @@ class RunningMoments:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, float(value))
+
+
+def prepare_scores(scores: torch.Tensor, config, running: RunningMoments, accelerator) -> torch.Tensor:
+    """The step's scores after the config's running-moment scaling/normalisation (updating `running`), then
+    clipping."""
+    if config.use_score_scaling:
+        running.update(scores, accelerator)
+        scale = running.std + torch.finfo(scores.dtype).eps
+        scores = (scores - running.mean) / scale if config.use_score_norm else scores / scale
+    if config.score_clip is not None:
+        scores = torch.clamp(scores, -config.score_clip, config.score_clip)
+    return scores

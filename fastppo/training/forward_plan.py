@@ -20,7 +20,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache
 
 from .. import sharding
-from ..models import attention_masks, heads
+from ..models import attention_masks, heads, varlen_attention
 from . import host_index, microbatch, packing
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,8 @@ class ForwardPlan:
         and without a host read); what packed passes will run is kept in `packed_attention`."""
         for name, model in (("the policy", policy), ("the reference", reference)):
             if model is not None:
-                self.packed_attention[name] = packing.install_varlen(sharding.unwrap(self.accelerator, model).causal_lm)
+                lm = sharding.unwrap(self.accelerator, model).causal_lm
+                self.packed_attention[name] = varlen_attention.install(lm)  # packed passes' kernel, or what was kept
 
     def check_models_pack(self, policy, reference, vocab_size: int) -> None:
         """With `padding_free`: refuse the policy or the reference (None: none) if its packed logits differ from its

@@ -110,23 +110,15 @@ def _check_vocabulary(names: list, tensors: list, vocab_size: int, known_bad: Op
                                  f"[0, {vocab_size})")
 
 
-def check_scores(scores, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Scores as a list of scalars (0-d or one-element tensors, or numbers) or a 1-D tensor → `[B]` float32."""
-    scores = _score_tensor(scores, batch_size, device)
-    _check_finite_scores(scores)
-    return scores
-
-
-def _check_finite_scores(scores: torch.Tensor, known_bad: Optional[bool] = None) -> None:
-    if known_bad is None:
-        known_bad = not bool(torch.isfinite(scores).all())
+def _check_finite_scores(scores: torch.Tensor, known_bad: bool) -> None:
     if known_bad:
         i = int((~torch.isfinite(scores)).nonzero()[0, 0])
         raise ValueError(f"scores[{i}] is {float(scores[i])}; scores must be finite")
 
 
 def _score_tensor(scores, batch_size: int, device: torch.device) -> torch.Tensor:
-    """`check_scores` without the value check."""
+    """Scores as a list of scalars (0-d or one-element tensors, or numbers) or a 1-D tensor → `[B]` float32 on
+    `device` (finite: checked with the batch's values in `check_step_inputs`)."""
     if isinstance(scores, torch.Tensor):
         if scores.dim() != 1:
             raise ValueError(f"scores must be a list of scalars or a 1-D tensor, got a tensor of shape {tuple(scores.shape)}")
@@ -154,24 +146,33 @@ def _score_tensor(scores, batch_size: int, device: torch.device) -> torch.Tensor
     return torch.stack(move_all(values, device, torch.float32))
 
 
+def _per_response(argument: str, values, responses: Sequence[torch.Tensor], device: torch.device, what: str,
+                  floating: Optional[str] = None) -> list:
+    """`values` as a list of one tensor per response, each of its response's shape, on the CPU or `device`
+    (floating point where `floating` names what they hold)."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{argument} must be a list of 1-D {what} or None, got {type(values).__name__}")
+    if len(values) != len(responses):
+        raise ValueError(f"{argument} has {len(values)} items but responses has {len(responses)}")
+    for i, (value, response) in enumerate(zip(values, responses)):
+        name = f"{argument}[{i}]"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if floating is not None and not value.is_floating_point():
+            raise TypeError(f"{name} must hold floating-point {floating}, got dtype {value.dtype}")
+        if value.shape != response.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)} but responses[{i}] has shape "
+                             f"{tuple(response.shape)}")
+        _check_reachable(name, value, device)
+    return list(values)
+
+
 def check_response_masks(response_masks, responses: Sequence[torch.Tensor], device: torch.device) -> Optional[list]:
     """Optional per-response masks, each the shape of its response, moved to `device`
     as float64 (their values, 0/1 and not all zero, are checked with the batch's in `check_step_inputs`)."""
     if response_masks is None:
         return None
-    if not isinstance(response_masks, (list, tuple)):
-        raise TypeError(f"response_masks must be a list of 1-D tensors or None, got {type(response_masks).__name__}")
-    if len(response_masks) != len(responses):
-        raise ValueError(f"response_masks has {len(response_masks)} items but responses has {len(responses)}")
-    checked = []
-    for i, (mask, response) in enumerate(zip(response_masks, responses)):
-        name = f"response_masks[{i}]"
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.shape != response.shape:
-            raise ValueError(f"{name} has shape {tuple(mask.shape)} but responses[{i}] has shape {tuple(response.shape)}")
-        _check_reachable(name, mask, device)
-        checked.append(mask)
+    checked = _per_response("response_masks", response_masks, responses, device, "tensors")
     return move_all(checked, device, torch.float64)  # exact for 0/1 of any dtype, and shows a 0.5
 
 
@@ -182,9 +183,7 @@ def bad_response_masks(masks: list) -> torch.Tensor:
     return ~((flat == 0) | (flat == 1)).all() | ~(counts > 0).all()
 
 
-def _check_response_mask_values(checked: list, known_bad: Optional[bool] = None) -> None:
-    if known_bad is None:
-        known_bad = bool(bad_response_masks(checked))
+def _check_response_mask_values(checked: list, known_bad: bool) -> None:
     if known_bad:
         for i, mask in enumerate(checked):
             if not bool(((mask == 0) | (mask == 1)).all()):
@@ -198,21 +197,8 @@ def check_rollout_logprobs(rollout_logprobs, responses: Sequence[torch.Tensor], 
     `device` (their values, finite and ≤ 0, are checked with the batch's in `check_step_inputs`)."""
     if rollout_logprobs is None:
         return None
-    if not isinstance(rollout_logprobs, (list, tuple)):
-        raise TypeError(f"rollout_logprobs must be a list of 1-D float tensors or None, got {type(rollout_logprobs).__name__}")
-    if len(rollout_logprobs) != len(responses):
-        raise ValueError(f"rollout_logprobs has {len(rollout_logprobs)} items but responses has {len(responses)}")
-    checked = []
-    for i, (logprobs, response) in enumerate(zip(rollout_logprobs, responses)):
-        name = f"rollout_logprobs[{i}]"
-        if not isinstance(logprobs, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(logprobs).__name__}")
-        if not logprobs.is_floating_point():
-            raise TypeError(f"{name} must hold floating-point log-probs, got dtype {logprobs.dtype}")
-        if logprobs.shape != response.shape:
-            raise ValueError(f"{name} has shape {tuple(logprobs.shape)} but responses[{i}] has shape {tuple(response.shape)}")
-        _check_reachable(name, logprobs, device)
-        checked.append(logprobs)
+    checked = _per_response("rollout_logprobs", rollout_logprobs, responses, device, "float tensors",
+                            floating="log-probs")
     return move_all(checked, device, torch.float32)
 
 
@@ -222,9 +208,7 @@ def bad_rollout_logprobs(logprobs: list) -> torch.Tensor:
     return ~(torch.isfinite(flat) & (flat <= 0)).all()
 
 
-def _check_rollout_logprob_values(checked: list, known_bad: Optional[bool] = None) -> None:
-    if known_bad is None:
-        known_bad = bool(bad_rollout_logprobs(checked))
+def _check_rollout_logprob_values(checked: list, known_bad: bool) -> None:
     if known_bad:
         for i, logprobs in enumerate(checked):
             bad = ~(torch.isfinite(logprobs) & (logprobs <= 0))

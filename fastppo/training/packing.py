@@ -78,19 +78,13 @@ def unpack(values: Optional[torch.Tensor], packed: Packed) -> Optional[torch.Ten
 
 
 def call_kwargs(packed: Packed, causal_lm) -> dict:
-    """The model-call kwargs of a packed pass: varlen attention where `install_varlen` switched the model to it,
-    else transformers' own handling of position ids that restart (a block-diagonal mask on SDPA/eager). No cache:
+    """The model-call kwargs of a packed pass: varlen attention where `varlen_attention.install` switched the model
+    to it, else transformers' own handling of position ids that restart (a block-diagonal mask on SDPA/eager). No cache:
     with one, transformers would attend across the sequences."""
     if causal_lm.config._attn_implementation == varlen_attention.NAME:
         return {"use_cache": False, **varlen_attention.call_kwargs(packed.position_ids, packed.cu_seq_lens,
                                                                    packed.lengths)}
     return {"use_cache": False, "attention_mask": None, "position_ids": packed.position_ids}
-
-
-def install_varlen(causal_lm) -> str:
-    """Switch an SDPA model's packed passes to varlen attention; returns what packed passes will use
-    ("flash_attn", "torch_varlen", "sdpa_per_sequence", or "transformers:<implementation>" for a model left alone)."""
-    return varlen_attention.install(causal_lm)
 
 
 @torch.no_grad()
