@@ -120,7 +120,7 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     """Enable gradient checkpointing of the wrapped model."""
     is_encoder_decoder: Optional[bool] = None
-    """Filled in by the trainer; fastppo supports decoder-only models."""
+    """Filled in by the trainer: whether the policy is an encoder-decoder (seq2seq) model."""
     is_peft_model: Optional[bool] = None
     """Filled in by the trainer: whether the model is a PEFT model."""
     backward_batch_size: Optional[int] = None

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import random
+import warnings
 from collections.abc import Mapping
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from . import ops
 __all__ = [
     "WANDB_PADDING", "LengthSampler", "PPODecorators", "add_suffix", "average_torch_dicts", "clip_by_value",
     "convert_to_scalar", "entropy_from_logits", "flatten_dict", "logprobs_from_logits", "masked_mean", "masked_var",
-    "masked_whiten", "pad_to_size", "respond_to_batch", "set_seed", "stack_dicts", "stats_to_np",
+    "masked_whiten", "pad_to_size", "randn_tensor", "respond_to_batch", "set_seed", "stack_dicts", "stats_to_np",
     "top_k_top_p_filtering", "whiten",
 ]
 
@@ -179,6 +180,43 @@ def respond_to_batch(model, queries: torch.Tensor, txt_len: int = 20, top_k: int
         max_new_tokens=txt_len, min_new_tokens=txt_len,
     )
     return generated[:, queries.shape[1]:]
+
+
+def randn_tensor(shape: Sequence[int], generator: Union[torch.Generator, List[torch.Generator], None] = None,
+                 device: Union[torch.device, str, None] = None, dtype: Optional[torch.dtype] = None,
+                 layout: Optional[torch.layout] = None) -> torch.Tensor:
+    """Standard-normal noise of `shape` on `device` (CPU by default), as TRL's (and diffusers') helper.
+
+    `generator`: one generator, or a list of `shape[0]` generators, row i drawn from generator i (each row then
+    reproducible on its own). A CPU generator for another device draws on the CPU, then moves the result (with
+    a warning, except for MPS). Raises ValueError for a generator on another accelerator than `device`, or a list
+    whose length is not `shape[0]`.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    layout = torch.strided if layout is None else layout
+    generators = generator if isinstance(generator, (list, tuple)) else None
+    if generators is not None and len(generators) == 1:
+        generators, generator = None, generators[0]
+    draw_device = device
+    if generator is not None:
+        generator_device = torch.device((generators or [generator])[0].device)
+        if generator_device.type == "cpu" and device.type != "cpu":
+            draw_device = generator_device  # a CPU generator draws CPU numbers only
+            if device.type != "mps":
+                warnings.warn(f"randn_tensor: the generator is on the CPU but device={device}; drawing on the CPU, "
+                              "then moving (a generator on that device would skip the copy)")
+        elif generator_device.type != device.type:
+            raise ValueError(f"randn_tensor: cannot draw a {device.type} tensor from a {generator_device.type} "
+                             "generator; pass device= of the generator's type")
+    if generators is None:
+        return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype,
+                           layout=layout).to(device)
+    if len(generators) != shape[0]:
+        raise ValueError(f"randn_tensor: generator is a list of {len(generators)} generators; it needs one per row "
+                         f"of shape[0]={shape[0]}")
+    row = (1, *shape[1:])
+    rows = [torch.randn(row, generator=g, device=draw_device, dtype=dtype, layout=layout) for g in generators]
+    return torch.cat(rows).to(device)
 
 
 def set_seed(seed: int) -> None:

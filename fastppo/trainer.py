@@ -99,7 +99,8 @@ class PPOTrainer(TRLMethods):
         config.world_size = sharding.world_size(self.accelerator)  # DeepSpeed on CPU: accelerate may say 1
         config.global_backward_batch_size = config.backward_batch_size * config.world_size
         config.global_batch_size = config.batch_size * config.world_size
-        config.is_encoder_decoder, config.is_peft_model = False, model.is_peft_model
+        config.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)  # TRL's test of the model
+        config.is_peft_model = model.is_peft_model
 
         if ref_model is None and not self.is_peft_model:  # a PEFT policy's reference is its adapter-free base
             ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
@@ -184,6 +185,8 @@ class PPOTrainer(TRLMethods):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(return_logprobs, bool):
             raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
+        if self.is_encoder_decoder and return_logprobs:
+            raise ValueError("return_logprobs: not supported for encoder-decoder models")
         single = isinstance(query_tensor, torch.Tensor)
         if not single or generation_kwargs.get("num_return_sequences", 1) != 1:
             self._require_pad_token("generate")  # batched queries are left-padded, samples right-padded
@@ -194,7 +197,8 @@ class PPOTrainer(TRLMethods):
         else:
             queries = inputs.check_token_list("query_tensor", query_tensor, self.vocab_size, self.current_device)
         inputs.check_generation_lengths(queries, single, length_sampler, generation_kwargs,
-                                        checks.max_positions(self.unwrapped_model))
+                                        checks.max_positions(self.unwrapped_model), self.is_encoder_decoder)
+        return_prompt = return_prompt and not self.is_encoder_decoder  # (TRL: a decoder's sequence has no prompt)
         self.rollout_engine.check_kwargs(self.model, generation_kwargs)
         if generate_ref_response:
             self.hf_engine.check_kwargs(self._reference_model(), generation_kwargs)
@@ -245,7 +249,8 @@ class PPOTrainer(TRLMethods):
                 batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
                                                  self.vocab_size, self.current_device, rollout_logprobs,
                                                  max_length=checks.max_positions(self.unwrapped_model),
-                                                 rollout_correction=self.config.rollout_correction)
+                                                 rollout_correction=self.config.rollout_correction,
+                                                 encoder_decoder=self.is_encoder_decoder)
             with self._restored_on_error():
                 return self._step(batch)
 
@@ -292,7 +297,8 @@ class PPOTrainer(TRLMethods):
             experience = Experience(padded.input_ids, padded.attention_mask, padded.mask, old_logprobs=rollout.logprobs,
                                     old_values=values, advantages=advantages, returns=returns,
                                     rollout_logprobs=engine_logprobs if self.config.rollout_correction == "tis"
-                                    else None, layout=padded.layout)
+                                    else None, layout=padded.layout, encoder_input_ids=padded.encoder_input_ids,
+                                    encoder_attention_mask=padded.encoder_attention_mask)
             train_stats, optimisation = self.ppo_epochs.run(experience)
         if optimisation["fastppo/skipped_nonfinite"] and not optimisation["fastppo/optimizer_steps"]:
             raise FloatingPointError(self.ppo_epochs.guard.failure_message(self.unwrapped_model, [
@@ -329,41 +335,35 @@ class PPOTrainer(TRLMethods):
             self.lr_scheduler.step()
         return stats
 
-    def _push_if_best(self, scores: torch.Tensor) -> None:
-        """TRL's `push_to_hub_if_best_kwargs`: every `compare_steps` steps, push the policy that produced
-        these responses when their mean (prepared) score beats every one compared before."""
-        if not self.config.push_to_hub_if_best_kwargs:
-            return
-        if self._compare_step % self.config.compare_steps == 0:
-            mean_score = float(scores.float().mean())
-            if mean_score > self.highest_reward:
-                self.highest_reward = mean_score
-                self.push_to_hub(**self.config.push_to_hub_if_best_kwargs)
-        self._compare_step += 1
-
     def _pad_batch(self, queries, responses, response_masks) -> PaddedBatch:
         """The step's rows, padded (`prepare_model_inputs`; with padding_free always right-padded, as packing drops
         the pads), and their response mask (see fastppo.training.padding). Every process pads to the widest row.
-        Each row's start and length stay on the host (unless a `training_data_collator` padded the rows)."""
-        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
+        Each row's start and length stay on the host (unless a `training_data_collator` padded the rows).
+        An encoder-decoder model's rows are its responses (the decoder's), its queries the encoder's."""
+        encoder, pad = None, self.tokenizer.pad_token_id
         side = "right" if self.config.padding_free else padding.padding_side(self.tokenizer)
+        lengths, prefixes, trained, response_masks = padding.row_parts(queries, responses, self.is_encoder_decoder,
+                                                                       response_masks)
         if self.config.padding_free:
             sequences = [torch.cat([q, r]) for q, r in zip(queries, responses)]
-            input_ids, attention_mask = padding.pad_rows(sequences, max(lengths), self.tokenizer.pad_token_id,
-                                                         "right", self.current_device)
+            input_ids, attention_mask = padding.pad_rows(sequences, max(lengths), pad, "right", self.current_device)
         else:
             model_inputs = self.prepare_model_inputs(queries, responses)
             input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
-        if self.is_distributed:
-            width = int(self.accelerator.gather(torch.tensor([input_ids.shape[1]], device=self.current_device)).max())
-            input_ids, attention_mask = padding.widen(input_ids, attention_mask, width, self.tokenizer.pad_token_id,
-                                                      side)
+            if self.is_encoder_decoder:
+                encoder = (input_ids, attention_mask)
+                input_ids, attention_mask = model_inputs["decoder_input_ids"], model_inputs["decoder_attention_mask"]
+        if self.is_distributed:  # one gather of the widths (the encoder's too)
+            local = [input_ids.shape[1]] + ([encoder[0].shape[1]] if encoder is not None else [])
+            widths = self.accelerator.gather(torch.tensor([local], device=self.current_device)).max(0).values.tolist()
+            input_ids, attention_mask = padding.widen(input_ids, attention_mask, widths[0], pad, side)
+            if encoder is not None:
+                encoder = padding.widen(*encoder, widths[1], pad, side)
         known = self.config.padding_free or self.data_collator is None
         starts = padding.row_starts(lengths, input_ids.shape[1], side) if known else None
-        mask = padding.response_mask(attention_mask, [len(q) for q in queries], [len(r) for r in responses],
-                                     response_masks, starts)
-        layout = RowLayout(tuple(starts), tuple(lengths), tuple(len(q) for q in queries)) if known else None
-        return PaddedBatch(input_ids, attention_mask, mask, layout)
+        mask = padding.response_mask(attention_mask, prefixes, trained, response_masks, starts)
+        layout = RowLayout(tuple(starts), tuple(lengths), tuple(prefixes)) if known else None
+        return PaddedBatch(input_ids, attention_mask, mask, layout, *(encoder or (None, None)))
 
     @torch.no_grad()
     def _rollout(self, padded: PaddedBatch) -> Rollout:
@@ -376,7 +376,7 @@ class PPOTrainer(TRLMethods):
         layout = padded.layout
         for rows in plan.rollout_slices(padded.attention_mask, None if layout is None else layout.lengths):
             batch = plan.prepare(padded.input_ids[rows], padded.attention_mask[rows], padded.mask[rows],
-                                 layout=None if layout is None else layout.select(rows))
+                                 layout=None if layout is None else layout.select(rows), encoder=padded.encoder(rows))
             policy = plan.forward(self.model, batch)
             with self.optional_peft_ctx():
                 reference = plan.forward(self._reference_model(), batch)

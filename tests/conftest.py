@@ -22,6 +22,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine they lose a lot.
 torch.set_num_threads(1)
 
+
+def dtype_kwarg(dtype) -> dict:
+    """`from_pretrained`'s dtype argument under the installed transformers' name: `dtype` from 4.56 on,
+    `torch_dtype` before (4.46 is the oldest fastppo supports: scripts/test_oldest.sh)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 CORPUS = (
     "the cat sat on the mat. a dog ran in the park. good day, bad day, happy day. "
     "we like tea and cake. the sun is warm and the sky is blue. one two three four five. "

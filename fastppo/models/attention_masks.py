@@ -16,6 +16,10 @@ Either form is what the model would have computed from the 2-D mask, so the numb
 probe both ways and comparing the logits — and which cost a read: a model that builds its mask
 without asking the device (eager attention) keeps the 2-D mask, as does one whose layers do not all
 use full causal attention (sliding windows).
+
+On transformers without `masking_utils` (4.46) each model builds its 4-D mask inside its own forward, so
+there is no "prepared" form: a padded pass keeps the 2-D mask, and an unpadded one drops it only where the
+probe shows that costs no read and changes no logit.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ import torch
 
 from ..host_reads import HostReads
 from . import varlen_attention
+
+try:
+    from transformers.masking_utils import create_causal_mask
+except ImportError:  # transformers 4.46: no shared mask builder (see the module docstring)
+    create_causal_mask = None
 
 
 class MaskForm(NamedTuple):
@@ -44,9 +53,9 @@ def _full_attention_only(config) -> bool:
 
 
 def prepared(causal_lm, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The 4-D mask `causal_lm` builds from a `[b, L]` padding mask when it cannot skip it."""
-    from transformers.masking_utils import create_causal_mask
-
+    """The 4-D mask `causal_lm` builds from a `[b, L]` padding mask when it cannot skip it (transformers 5)."""
+    if create_causal_mask is None:
+        raise RuntimeError("this transformers has no masking_utils.create_causal_mask to prepare a 4-D mask with")
     batch, width = attention_mask.shape
     shape_only = torch.empty((batch, width, 0), dtype=causal_lm.dtype, device=attention_mask.device)
     return create_causal_mask(causal_lm.config, shape_only, attention_mask.bool(), None, allow_is_causal_skip=False)
@@ -93,13 +102,14 @@ def choose_form(model, unwrapped, vocab_size: int, device: torch.device, float32
     try:  # the same five forwards on every process, whatever they show (collective under ZeRO-3/FSDP)
         real, everywhere = padded_mask.bool(), torch.ones_like(padded_mask, dtype=torch.bool)
         padded_raw, padded_raw_free = read_free(padded_mask)
-        padded_prepared = logits(prepared(causal_lm, padded_mask))
+        can_prepare = create_causal_mask is not None  # the same on every process
+        padded_prepared = logits(prepared(causal_lm, padded_mask)) if can_prepare else None
         unpadded_raw, unpadded_raw_free = read_free(unpadded_mask)
         without, without_free = read_free(None)
-        unpadded_prepared = logits(prepared(causal_lm, unpadded_mask))
+        unpadded_prepared = logits(prepared(causal_lm, unpadded_mask)) if can_prepare else None
         varlen = causal_lm.config._attn_implementation == varlen_attention.NAME
         causal, causal_free = read_free(None, **varlen_attention.causal_kwargs(device)) if varlen else (None, False)
-        if padded_raw_free:  # the model builds the mask without asking the device (eager): nothing to gain
+        if padded_raw_free or not can_prepare:  # the model builds the mask without asking the device (eager)
             padded = "raw"
         else:
             padded = "prepared" if same(padded_prepared, padded_raw, real) else "raw"
@@ -110,7 +120,7 @@ def choose_form(model, unwrapped, vocab_size: int, device: torch.device, float32
         elif unpadded_raw_free:
             unpadded = "raw"
         else:
-            unpadded = "prepared" if same(unpadded_prepared, unpadded_raw, everywhere) else "raw"
+            unpadded = "prepared" if can_prepare and same(unpadded_prepared, unpadded_raw, everywhere) else "raw"
     except (TypeError, ValueError, RuntimeError):  # a model that refuses a 4-D mask or no mask
         return RAW
     finally:

@@ -65,6 +65,7 @@ def token_outputs(
     return_entropy: bool = False,
     keep_logits: bool = False,
     response_positions: Optional[tuple] = None,
+    encoder_input_ids: Optional[torch.Tensor] = None,
     **model_kwargs,
 ) -> TokenOutputs:
     """Run `model` (possibly accelerate-wrapped; `unwrapped` is the bare module) on a batch.
@@ -73,11 +74,16 @@ def token_outputs(
     `keep_logits` ("full" only): logits the caller keeps, as TRL's model returns them (float32, never
     overwritten by the log-probs' backward). `response_positions` ("response"/"fused"): (rows, columns) of the
     response positions, built on the host (else found from `mask`: a host read). `model_kwargs` go to the model
-    (`attention_mask`, and a packed batch's `position_ids`, `use_cache=False`).
+    (`attention_mask`, and a packed batch's `position_ids`, `use_cache=False`). `encoder_input_ids`: an
+    encoder-decoder model's encoder input ("full" only); `input_ids` are then the decoder's (the rows scored).
     """
     if keep_logits and mode != "full":
         raise ValueError(f"keep_logits needs the full-logits path, not {mode!r}")
     labels = input_ids[:, 1:]
+    if encoder_input_ids is not None:
+        if mode != "full":
+            raise ValueError(f"encoder-decoder models run the full-logits path, not {mode!r}")
+        model_kwargs["decoder_input_ids"], input_ids = input_ids, encoder_input_ids
     if mode == "full":
         logits, _, values = model(input_ids=input_ids, upcast_logits=keep_logits, **model_kwargs)
         logits = logits[:, :-1]

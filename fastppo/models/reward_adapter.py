@@ -16,31 +16,35 @@ from torch import nn
 from .checkpoint_files import load_adapter_state, resolve_file
 
 
-def load_reward_adapter(peft_model, source: str, adapter_name: str, load_kwargs: dict,
-                        score_modules=("score",)) -> nn.Linear:
+def load_reward_adapter(peft_model, source: str, adapter_name: str, load_kwargs: dict, score_modules=("score",),
+                        argument_names=("reward_adapter", "reward_adapter_name")) -> nn.Linear:
     """Load the adapter saved at `source` (a directory or hub repo id) into `peft_model` as `adapter_name`.
 
     Returns its score head: a frozen `nn.Linear(hidden, num_labels)` in the model's dtype, on the
     device of the model's output embeddings. The first name in `score_modules` found among the
-    adapter's tensors (as `<name>.weight`) is the head. Raises ValueError naming `reward_adapter`
-    when `source` holds no PEFT adapter or no score head, and naming `reward_adapter_name` when
-    the model already has an adapter of that name.
+    adapter's tensors (as `<name>.weight`) is the head. The model's train/eval mode is kept (PEFT's
+    `load_adapter` switches to eval). Raises ValueError naming `argument_names[0]` (the caller's name
+    for `source`) when `source` holds no PEFT adapter or no score head, and naming `argument_names[1]`
+    when the model already has an adapter of that name.
     """
+    source_arg, name_arg = argument_names
     if resolve_file(source, "adapter_config.json", load_kwargs) is None:
-        raise ValueError(f"reward_adapter={source!r}: no adapter_config.json there; pass a local directory or "
+        raise ValueError(f"{source_arg}={source!r}: no adapter_config.json there; pass a local directory or "
                          "hub repo id of a reward-model adapter saved with PEFT's save_pretrained")
     state = load_adapter_state(source, load_kwargs)
     if state is None:
-        raise ValueError(f"reward_adapter={source!r}: no adapter_model.safetensors or adapter_model.bin there")
+        raise ValueError(f"{source_arg}={source!r}: no adapter_model.safetensors or adapter_model.bin there")
     score = _score_tensors(state, score_modules)
     if "weight" not in score:
-        raise ValueError(f"reward_adapter={source!r}: the adapter has no score head (no tensor named "
+        raise ValueError(f"{source_arg}={source!r}: the adapter has no score head (no tensor named "
                          f"{' or '.join(f'`{name}.weight`' for name in score_modules)}); save the reward model "
                          "with LoraConfig(task_type='SEQ_CLS') so that PEFT stores its head in the adapter")
     if adapter_name in peft_model.peft_config:
-        raise ValueError(f"reward_adapter_name={adapter_name!r} is already the name of one of the model's adapters")
+        raise ValueError(f"{name_arg}={adapter_name!r} is already the name of one of the model's adapters")
     hub_kwargs = {"token": load_kwargs["token"]} if load_kwargs.get("token") is not None else {}
+    training = peft_model.training
     peft_model.load_adapter(source, adapter_name, is_trainable=False, **hub_kwargs)
+    peft_model.train(training)
 
     num_labels, hidden_size = score["weight"].shape
     head = nn.Linear(hidden_size, num_labels, bias="bias" in score)

@@ -7,9 +7,10 @@ import contextlib
 from typing import Optional
 
 from .. import sharding
+from .seq2seq_value_head import AutoModelForSeq2SeqLMWithValueHead
 from .value_head import AutoModelForCausalLMWithValueHead
 
-SUPPORTED_ARCHITECTURES = (AutoModelForCausalLMWithValueHead,)  # causal LMs only (no seq2seq)
+SUPPORTED_ARCHITECTURES = (AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead)  # as TRL's
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 # Each message as "<|im_start|>{role}\n{content}<|im_end|>\n"; a generation prompt opens the assistant's turn.

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .checkpoint_files import V_HEAD_PREFIX
-from .wrapper import PreTrainedModelWrapper
+from .wrapper import PreTrainedModelWrapper, drop_unused_tokenizer_outputs
 
 __all__ = ["AutoModelForCausalLMWithValueHead", "PreTrainedModelWrapper", "ValueHead", "create_reference_model"]
 
@@ -183,7 +183,9 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
 
     def _last_hidden_state(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         # the backbone alone: the LM head's input, without computing the logits
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        backbone = self.backbone
+        kwargs = drop_unused_tokenizer_outputs(backbone, kwargs)
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def generate(self, *args, **kwargs):
         """`pretrained_model.generate(*args, **kwargs)`."""
@@ -245,7 +247,8 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         v_head_state = {k[len(V_HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(V_HEAD_PREFIX)}
         base_state = {k: v for k, v in state_dict.items() if not k.startswith(V_HEAD_PREFIX)}
         self.v_head.load_state_dict(v_head_state, strict=strict, assign=assign)
-        return self.pretrained_model.load_state_dict(base_state, strict=strict and not self.is_peft_model, assign=assign)
+        return self.pretrained_model.load_state_dict(base_state, strict=strict and not self.is_peft_model,
+                                                     assign=assign)
 
 
 def disable_dropout(module: nn.Module) -> None:

@@ -20,6 +20,12 @@ own causal path. The packed caller passes `packed_kwargs(lengths, device)`. Its 
 4D mask is returned as is by `_preprocess_mask_arguments` before it looks at position ids, so neither
 `find_packed_sequence_indices` nor the mask function runs, and it is not None, so GPT-2 skips its pad check.
 The attention function ignores that marker on the packed path and refuses it on any other.
+
+Older transformers (4.46 among those fastppo supports) have no attention-implementation registry
+(`AttentionInterface`, `masking_utils`, `integrations.sdpa_attention`): there `AVAILABLE` is False, nothing is
+registered and `install` leaves every model on its own implementation (`UNAVAILABLE` says what is missing).
+Unpadded and padded passes then run as transformers runs them, and `padding_free` is refused at construction
+(`fastppo.training.packing.check_model_packs`: those versions attend across packed sequences on SDPA/eager).
 """
 
 from __future__ import annotations
@@ -28,12 +34,18 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["CAUSAL", "KERNELS", "NAME", "SEQ_LENS", "call_kwargs", "causal_kwargs", "choose_kernel", "install",
-           "packed_kwargs"]
+try:  # the registry of attention implementations (transformers 5; absent from 4.46)
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as error:
+    AVAILABLE, UNAVAILABLE = False, f"transformers has no attention-implementation registry ({error})"
+else:
+    AVAILABLE, UNAVAILABLE = True, None
+
+__all__ = ["AVAILABLE", "CAUSAL", "KERNELS", "NAME", "SEQ_LENS", "UNAVAILABLE", "call_kwargs", "causal_kwargs",
+           "choose_kernel", "install", "packed_kwargs"]
 
 # No "sdpa"/"flash"/"flex"/"paged" in the name: transformers picks checks and fallbacks by substring.
 NAME = "fastppo_varlen"
@@ -140,18 +152,20 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 
 # Both class-wide mappings: every model and `_preprocess_mask_arguments` (which tests `_global_mapping`) see them.
-AttentionInterface.register(NAME, attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+if AVAILABLE:
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def install(model) -> str:
     """Switch `model` (a transformers causal LM, or fastppo's value-head model: its `.causal_lm`) from "sdpa"
     to `NAME`; return the kernel packed calls will use on its device. A model on another implementation is
-    left alone: "transformers:<implementation>" (eager, flash_attention_2, ...). The switch lives in
+    left alone: "transformers:<implementation>" (eager, flash_attention_2, ...), and so is every model where
+    transformers has no registry to switch to (`AVAILABLE` False). The switch lives in
     `config._attn_implementation_internal`, which `save_pretrained` does not write."""
     lm = getattr(model, "causal_lm", model)
     current = lm.config._attn_implementation
-    if current == "sdpa":
+    if current == "sdpa" and AVAILABLE:
         lm.set_attn_implementation(NAME)  # a model that cannot switch logs a warning and stays on sdpa
         current = lm.config._attn_implementation
     if current != NAME:

@@ -9,6 +9,7 @@ with the reward adapter (`compute_reward_score`). Subclasses add the modules (`v
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import logging
@@ -51,6 +52,42 @@ def _bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+# A tokenizer's outputs (BatchEncoding keys) besides input_ids and attention_mask. TRL hands them all to the causal
+# LM, whose `**loss_kwargs` (transformers 4.46) or `**kwargs` (5.x) swallow the ones it does not use; a bare
+# backbone may take no `**kwargs` (LlamaModel on 4.46 raises), so they are dropped unless its forward names them.
+TOKENIZER_EXTRA_KEYS = frozenset({"token_type_ids", "special_tokens_mask", "offset_mapping", "length",
+                                  "overflow_to_sample_mapping", "num_truncated_tokens", "overflowing_tokens"})
+
+
+@functools.lru_cache(maxsize=None)
+def _named_forward_arguments(module_type: type) -> frozenset:
+    try:
+        return frozenset(inspect.signature(module_type.forward).parameters)
+    except (TypeError, ValueError):  # no signature to read: it names none
+        return frozenset()
+
+
+def drop_unused_tokenizer_outputs(module: nn.Module, kwargs: dict) -> dict:
+    """`kwargs` less the tokenizer outputs (TOKENIZER_EXTRA_KEYS: `token_type_ids`, ...) that `module`'s forward
+    does not name, so a tokenizer's whole output can be passed on any transformers version. GPT-2 names
+    `token_type_ids` and uses them, as under TRL; other keywords pass unchanged."""
+    unused = TOKENIZER_EXTRA_KEYS.intersection(kwargs) - _named_forward_arguments(type(module))
+    return {k: v for k, v in kwargs.items() if k not in unused} if unused else kwargs
+
+
+class _SupportedArchitectures:
+    """TRL's `supported_pretrained_model_architectures`, read from the class: peft is imported on first use."""
+
+    def __get__(self, instance, owner) -> tuple:
+        from transformers import PreTrainedModel
+
+        if importlib.util.find_spec("peft") is None:
+            return (PreTrainedModel,)
+        from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
+
+        return PreTrainedModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM
+
+
 class PreTrainedModelWrapper(nn.Module):
     """Wraps a transformers model (`pretrained_model`), as TRL 0.11's class of that name.
 
@@ -64,6 +101,8 @@ class PreTrainedModelWrapper(nn.Module):
     supported_args = ()
     supported_modules = ("v_head",)  # the wrapper's own modules, saved beside the wrapped model's weights
     supported_rm_modules = ("score",)  # a reward adapter's head, among the adapter's tensors
+    # the model types TRL accepts as a built model; fastppo accepts any transformers-style causal LM module
+    supported_pretrained_model_architectures = _SupportedArchitectures()
 
     def __init__(self, pretrained_model=None, score_module=None, supports_rm_adapter=False, rm_adapter_name=None,
                  **kwargs):
@@ -140,6 +179,7 @@ class PreTrainedModelWrapper(nn.Module):
             if not is_peft_model(base):
                 raise ValueError("reward_adapter needs a PEFT policy (the reward adapter is loaded beside the "
                                  "policy's): pass peft_config=LoraConfig(...) or a saved PEFT adapter")
+            # not through add_and_load_reward_modeling_adapter: its (TRL's) signature carries `token` only
             score = load_reward_adapter(base, os.fspath(reward_adapter), reward_adapter_name, hub_kwargs,
                                         cls.supported_rm_modules)
             adapter_kwargs = {"score_module": score, "supports_rm_adapter": True,
@@ -205,6 +245,33 @@ class PreTrainedModelWrapper(nn.Module):
         pretrained = {k: v for k, v in kwargs.items() if k not in wrapper and k not in kbit}
         return wrapper, pretrained, kbit
 
+    @classmethod
+    def _get_current_device(cls):
+        """This process's device, as TRL's method of that name: `current_device()`."""
+        return current_device()
+
+    @classmethod
+    def add_and_load_reward_modeling_adapter(cls, pretrained_model, adapter_model_id,
+                                             adapter_name: str = "reward_model_adapter", token=None) -> nn.Linear:
+        """Load the reward model's adapter at `adapter_model_id` (a directory or hub id) into the PEFT model
+        `pretrained_model` as the frozen adapter `adapter_name`; return its score head, a frozen
+        `nn.Linear(hidden, num_labels)` (TRL 0.11's classmethod; `from_pretrained(reward_adapter=...)` does the
+        same, with its hub options).
+
+        The policy adapter stays active and the train/eval mode as it was. Raises TypeError when
+        `pretrained_model` is not a PeftModel, ValueError naming `adapter_model_id` when it holds no
+        reward-model adapter and naming `adapter_name` when the model already has an adapter of that name.
+        """
+        if not is_peft_model(pretrained_model):
+            raise TypeError("pretrained_model must be a peft.PeftModel (the reward adapter is loaded beside the "
+                            f"policy's), got {type(pretrained_model).__name__}")
+        if not isinstance(adapter_model_id, (str, os.PathLike)):
+            raise ValueError("adapter_model_id must be a local path or hub id of a reward-model adapter, "
+                             f"got {type(adapter_model_id).__name__}")
+        load_kwargs = {} if token is None else {"token": token}
+        return load_reward_adapter(pretrained_model, os.fspath(adapter_model_id), adapter_name, load_kwargs,
+                                   cls.supported_rm_modules, argument_names=("adapter_model_id", "adapter_name"))
+
     def post_init(self, state_dict):
         """Load the wrapper's own modules from `state_dict` (a subclass's job, as in TRL)."""
         raise NotImplementedError(f"{type(self).__name__} must implement post_init(state_dict)")
@@ -245,6 +312,8 @@ class PreTrainedModelWrapper(nn.Module):
             return self.score(hidden.to(self.score.weight.device))
 
     def _last_hidden_state(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        model = self.pretrained_model.get_base_model() if self.is_peft_model else self.pretrained_model
+        kwargs = drop_unused_tokenizer_outputs(model, kwargs)
         output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                                        return_dict=True, **kwargs)
         return output.hidden_states[-1]
@@ -334,7 +403,8 @@ def _check_peft_arguments(peft_config, reward_adapter) -> None:
         except ImportError as error:
             raise ImportError("peft_config needs the peft package: pip install peft") from error
         if not isinstance(peft_config, PeftConfig):
-            raise ValueError(f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+            raise ValueError("peft_config must be a peft.PeftConfig (e.g. LoraConfig), "
+                             f"got {type(peft_config).__name__}")
     if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
         raise ValueError("reward_adapter must be a local path or hub id of a reward-model adapter, "
                          f"got {type(reward_adapter).__name__}")

@@ -49,17 +49,20 @@ class HFEngine:
         samples = []
         pad_token_id = self.tokenizer.pad_token_id  # None only for one query alone (the trainer checks)
         with self._for_generation(model) as unwrapped, _seeded(seed, device):
+            # left padding: the prompt ends where generation starts (an encoder's input: the tokenizer's side, and
+            # everything generate returns is new, from the decoder's start token on, as TRL returns it)
+            encoder_decoder = getattr(unwrapped, "is_encoder_decoder", False)
+            side = padding.padding_side(self.tokenizer) if encoder_decoder else "left"
             for start in range(0, len(queries), batch_size):
                 batch = queries[start:start + batch_size]
                 if max_new_tokens is not None:
                     kwargs["max_new_tokens"] = max_new_tokens[start]
                 width = max(len(q) for q in batch)
-                # left padding: the prompt ends where generation starts
                 input_ids, attention_mask = padding.pad_rows(batch, width, 0 if pad_token_id is None else pad_token_id,
-                                                             "left", device)
+                                                             side, device)
                 out = unwrapped.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                 sequences = out.sequences if return_logprobs else out
-                new_tokens = sequences[:, width:]
+                new_tokens = sequences if encoder_decoder else sequences[:, width:]
                 logprobs = self._sampled_logprobs(out.logits, new_tokens) if return_logprobs else None
                 per_query = new_tokens.shape[0] // len(batch)  # num_return_sequences rows per query, in order
                 for row in range(len(batch)):

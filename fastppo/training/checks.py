@@ -100,10 +100,31 @@ def check_environment(config, accelerator, model, ref_model, num_shared_layers, 
     if config.max_tokens_per_microbatch is not None and sharding.is_deepspeed(accelerator):
         raise ValueError("max_tokens_per_microbatch: DeepSpeed's engine steps the optimizer after a fixed count "
                          "of backward passes, which token-budget micro-batches vary; leave it None under DeepSpeed")
+    _check_encoder_decoder(config, accelerator, model, ref_model, head_mode)
     processes = sharding.world_size(accelerator)
     if config.rollout_engine == "vllm" and processes > 1:
         raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "
                          f"this run has {processes} processes (not supported yet)")
+
+
+def _check_encoder_decoder(config, accelerator, model, ref_model, head_mode: str) -> None:
+    """An encoder-decoder policy trains on TRL's path (padded rows, full logits, HF generate, one process or DDP);
+    refuse what fastppo adds there and has not made or tested for such models, naming the setting."""
+    encoder_decoder = getattr(model, "is_encoder_decoder", False)
+    if ref_model is not None and getattr(ref_model, "is_encoder_decoder", False) != encoder_decoder:
+        raise ValueError(f"ref_model is {'an encoder-decoder' if not encoder_decoder else 'a causal'} model but the "
+                         "policy is not: the KL penalty compares their log-probs on the same rows")
+    if not encoder_decoder:
+        return
+    refused = {"padding_free": config.padding_free, "response_only_logits/fused_lm_head": head_mode != "full",
+               "rollout_engine='vllm'": config.rollout_engine == "vllm",
+               "rollout_correction": config.rollout_correction is not None,
+               f"{accelerator.distributed_type.value} (sharded weights)": sharding.is_deepspeed(accelerator)
+               or sharding.is_fsdp(accelerator)}
+    for name, chosen in refused.items():
+        if chosen:
+            raise ValueError(f"{name}: not supported for encoder-decoder models ({type(model.causal_lm).__name__}); "
+                             "they train on TRL's path: padded rows, full logits, HF generate, one process or DDP")
 
 
 def check_config_unchanged(config, at_start: dict) -> None:

@@ -18,7 +18,8 @@ from . import host_index
 
 
 class RowLayout(NamedTuple):
-    """Where each row's tokens are, known on the host: first real column, real tokens, query tokens."""
+    """Where each row's tokens are, known on the host: first real column, real tokens, and the tokens before the
+    response (the query's; an encoder-decoder row's untrained decoder prefix, `padding.DECODER_PREFIX`)."""
 
     starts: tuple
     lengths: tuple
@@ -32,12 +33,20 @@ class RowLayout(NamedTuple):
 
 
 class PaddedBatch(NamedTuple):
-    """The step's query + response rows as the model reads them."""
+    """The step's query + response rows as the model reads them (an encoder-decoder model: the responses as the
+    decoder's rows, the queries as the encoder's)."""
 
     input_ids: torch.Tensor  # [B, L] int64, pads = the tokenizer's pad token
     attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
     mask: torch.Tensor  # [B, L-1] int64: 1 where position t predicts a trained response token
     layout: Optional[RowLayout] = None  # None: padded by a user's collator, so not known on the host
+    encoder_input_ids: Optional[torch.Tensor] = None  # [B, Lq]: the encoder's rows (None: a causal LM)
+    encoder_attention_mask: Optional[torch.Tensor] = None
+
+    def encoder(self, rows=slice(None)) -> Optional[tuple]:
+        """`(input_ids, attention_mask)` of the encoder's `rows`, or None for a causal LM."""
+        return None if self.encoder_input_ids is None else (self.encoder_input_ids[rows],
+                                                             self.encoder_attention_mask[rows])
 
 
 class Rollout(NamedTuple):
@@ -53,7 +62,8 @@ class Rollout(NamedTuple):
 class Experience:
     """The per-token tensors the PPO epochs train on, for B rows.
 
-    `input_ids`, `attention_mask` `[B, L]` are the rows the training forward reads again; the rest
+    `input_ids`, `attention_mask` `[B, L]` are the rows the training forward reads again (with the
+    `encoder_*` rows for an encoder-decoder model); the rest
     are `[B, L-1]` on the same grid, float32 but `mask`. Old log-probs and values come from the
     rollout; `old_values` are masked (0 off the response), as TRL's. `rollout_logprobs` are the
     rollout engine's own log-probs, set only for `rollout_correction="tis"`.
@@ -68,9 +78,16 @@ class Experience:
     returns: torch.Tensor
     rollout_logprobs: Optional[torch.Tensor] = None
     layout: Optional[RowLayout] = None  # where each row's tokens are, on the host (None: unknown)
+    encoder_input_ids: Optional[torch.Tensor] = None  # [B, Lq], encoder-decoder models only
+    encoder_attention_mask: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def encoder(self) -> Optional[tuple]:
+        """`(input_ids, attention_mask)` of the encoder's rows, or None for a causal LM."""
+        return None if self.encoder_input_ids is None else (self.encoder_input_ids, self.encoder_attention_mask)
 
     def select(self, rows: Union[slice, np.ndarray]) -> "Experience":
         """The same record for some rows: a slice, or host row indices (a shuffled mini-batch), which go to

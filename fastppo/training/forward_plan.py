@@ -35,6 +35,7 @@ class Pass(NamedTuple):
     packed: Optional[packing.Packed]  # how packed positions map to the grid (None: padded)
     padded: Optional[bool] = None  # whether any row is shorter than L (None: not known on the host)
     response: Optional[tuple] = None  # (rows, columns) of the response positions in the pass (None: not known)
+    encoder: Optional[tuple] = None  # encoder-decoder models: the encoder's (input_ids, attention_mask) [b, Lq]
 
     @property
     def rows(self) -> int:
@@ -112,12 +113,16 @@ class ForwardPlan:
     # ------------------------------------------------------------------ one pass
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                pack: Optional[bool] = None, layout=None) -> Pass:
+                pack: Optional[bool] = None, layout=None, encoder: Optional[tuple] = None) -> Pass:
         """The pass of these `[b, L]` rows (right-padded when packed) and their `[b, L-1]` response mask;
         `pack` overrides `padding_free` (TRL's `batched_forward_pass` takes rows padded on either side).
         `layout`: the rows' `RowLayout`, if the host knows it (then nothing is read back to build the pass, and
-        the response-only head paths gather their positions by a host-built index)."""
+        the response-only head paths gather their positions by a host-built index). `encoder`: an
+        encoder-decoder model's encoder rows `(input_ids, attention_mask)`; the rows above are then the
+        decoder's (always padded, full logits: the trainer refuses the other paths for such models)."""
         width = input_ids.shape[1]
+        if encoder is not None:
+            return Pass(input_ids, attention_mask, mask, None, encoder=encoder)
         if not (self.padding_free if pack is None else pack):
             padded = None if layout is None else any(n < width for n in layout.lengths)
             response = None if layout is None or self.head_mode == "full" else _response_positions(
@@ -136,7 +141,10 @@ class ForwardPlan:
         on the rows' `[b, L-1]` grid; `logits` as the LM-head path computed them, at the pass's positions.
         `keep_logits`: the full `[b, L-1, V]` logits as TRL's model returns them, whatever the configured path."""
         unwrapped = sharding.unwrap(self.accelerator, model)
-        if batch.packed is None:  # no cache: transformers would build one on each pass for nothing
+        if batch.encoder is not None:  # the model's own masks: the forms below are probed on causal LMs
+            kwargs = {"use_cache": False, "attention_mask": batch.encoder[1],
+                      "decoder_attention_mask": batch.attention_mask, "encoder_input_ids": batch.encoder[0]}
+        elif batch.packed is None:  # no cache: transformers would build one on each pass for nothing
             kwargs = {"use_cache": False, **attention_masks.mask_kwargs(
                 self._mask_form(model, unwrapped), unwrapped.causal_lm, batch.attention_mask, batch.padded)}
         else:
@@ -177,7 +185,8 @@ class ForwardPlan:
         implementation (SDPA itself for every call but unpadded and packed passes, which it runs without a mask
         and without a host read); what packed passes will run is kept in `packed_attention`."""
         for name, model in (("the policy", policy), ("the reference", reference)):
-            if model is not None:
+            if model is not None and not getattr(sharding.unwrap(self.accelerator, model), "is_encoder_decoder",
+                                                 False):  # (its passes are padded, with the model's own masks)
                 lm = sharding.unwrap(self.accelerator, model).causal_lm
                 self.packed_attention[name] = varlen_attention.install(lm)  # packed passes' kernel, or what was kept
 

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import host_index
+from . import host_index, padding
 
 
 class StepInputs(NamedTuple):
@@ -228,28 +228,49 @@ def check_lengths(names: str, lengths: Sequence[int], max_length: Optional[int],
 
 
 def check_generation_lengths(queries: list, single: bool, length_sampler, generation_kwargs: dict,
-                             max_length: Optional[int]) -> None:
-    """Each query + the most new tokens `generate` is asked for must fit the model's `max_length` positions."""
+                             max_length: Optional[int], encoder_decoder: bool = False) -> None:
+    """Each query + the most new tokens `generate` is asked for must fit the model's `max_length` positions
+    (`encoder_decoder`: each query, the encoder's input)."""
     values = getattr(length_sampler, "values", None)  # core.LengthSampler's range
     most = max(values) if length_sampler is not None and values else generation_kwargs.get("max_new_tokens")
     name = "query_tensor" if single else "query_tensor[{i}]"
-    if isinstance(most, int):
+    if encoder_decoder:
+        check_lengths(name, [len(q) for q in queries], max_length)
+    elif isinstance(most, int):
         source = "length_sampler's longest" if length_sampler is not None else "max_new_tokens"
         check_lengths(f"{name} + {source} ({most})", [len(q) + most for q in queries], max_length)
     elif isinstance(generation_kwargs.get("max_length"), int):
         check_lengths("max_length", [generation_kwargs["max_length"]], max_length)
 
 
+def _check_decoder_rows(queries: list, responses: list, max_length: Optional[int], rollout_logprobs) -> None:
+    check_lengths("queries[{i}]", [len(q) for q in queries], max_length)
+    check_lengths("responses[{i}]", [len(r) for r in responses], max_length)
+    for i, response in enumerate(responses):
+        if len(response) <= padding.DECODER_PREFIX:
+            raise ValueError(f"responses[{i}] has {len(response)} tokens; an encoder-decoder model's response is the "
+                             "decoder's sequence from its start token (as generate returns it), and TRL trains "
+                             f"from its token {padding.DECODER_PREFIX} on: it needs at least "
+                             f"{padding.DECODER_PREFIX + 1}")
+    if rollout_logprobs is not None:
+        raise ValueError("rollout_logprobs: not supported for encoder-decoder models")
+
+
 def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
                       device: torch.device, rollout_logprobs=None, max_length: Optional[int] = None,
-                      rollout_correction: Optional[str] = None) -> StepInputs:
-    """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`;
+                      rollout_correction: Optional[str] = None, encoder_decoder: bool = False) -> StepInputs:
+    """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`
+    (`encoder_decoder`: each query and each response, which must hold the decoder's start token and two more);
     `rollout_logprobs` required by a `rollout_correction`. The values (ids in the vocabulary, finite scores,
     0/1 masks, log-probs ≤ 0) are checked on the device and read back together: one host read, after which
     only a bad batch pays for the messages that name the culprit."""
     queries = check_token_list("queries", queries, None, device, batch_size)
     responses = check_token_list("responses", responses, None, device, batch_size)
-    check_lengths("queries[{i}] + responses[{i}]", [len(q) + len(r) for q, r in zip(queries, responses)], max_length)
+    if encoder_decoder:
+        _check_decoder_rows(queries, responses, max_length, rollout_logprobs)
+    else:
+        check_lengths("queries[{i}] + responses[{i}]", [len(q) + len(r) for q, r in zip(queries, responses)],
+                      max_length)
     scores = _score_tensor(scores, batch_size, device)
     masks = check_response_masks(response_masks, responses, device)
     rollout_logprobs = check_rollout_logprobs(rollout_logprobs, responses, device)

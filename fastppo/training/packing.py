@@ -7,6 +7,8 @@ sequence. Attention stays inside each sequence: an SDPA model runs varlen attent
 sequence on the CPU; no `[N, N]` mask, no host read); any other model is left to transformers,
 which builds a block-diagonal mask from position ids that restart when no attention mask and no
 cache are passed (transformers 5 `masking_utils`). No pad token reaches the model or the LM head.
+Transformers without that machinery (4.46) attend across the sequences of a packed row, so there
+`check_model_packs` refuses `padding_free` with the reason.
 
 Only the model's forward is packed. Its per-token results (log-probs, entropies, values: one
 float each) go back to the `[b, L-1]` grid with `unpack`, so rewards, GAE, whitening and the
@@ -115,5 +117,7 @@ def check_model_packs(model, unwrapped, vocab_size: int, device: torch.device, n
     scale = 1.0 + float(expected.abs().max())
     tolerance = (1e-4 if float32 else 3e-2) * scale
     if not gap <= tolerance:
+        why = "" if varlen_attention.AVAILABLE else (
+            f"; packed passes need transformers' attention registry: {varlen_attention.UNAVAILABLE}")
         raise ValueError(f"padding_free: {name} attends across packed sequences (logits differ by {gap:.3g} "
-                         "packed vs apart); set padding_free=False")
+                         f"packed vs apart{why}); set padding_free=False")

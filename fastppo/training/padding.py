@@ -4,6 +4,10 @@ TRL 0.11 pads on `tokenizer.padding_side` and offsets each row's response positi
 leading pads. Position t of a `[B, L-1]` grid stands for the prediction of token t+1, so a
 response of n tokens after a query of m, behind p leading pads, covers positions
 p+m-1 … p+m+n-2.
+
+An encoder-decoder row is the decoder's sequence alone (the query goes to the encoder): TRL 0.11
+trains on its positions 1 … n-2, i.e. the log-probs of tokens 2 … n-1. Its first `DECODER_PREFIX`
+tokens (the decoder start token and the first sampled token) play the query's part above.
 """
 
 from __future__ import annotations
@@ -15,6 +19,22 @@ import torch
 from . import host_index
 
 SIDES = ("right", "left")
+# TRL's mask of an encoder-decoder row starts at position 1: the first sampled token's log-prob is never trained
+DECODER_PREFIX = 2
+
+
+def row_parts(queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], encoder_decoder: bool,
+              response_masks: Optional[Sequence[torch.Tensor]] = None) -> tuple:
+    """`(lengths, prefixes, trained, response_masks)` of the rows a step pads: each row's tokens, the tokens before
+    its trained part (the query; an encoder-decoder row's `DECODER_PREFIX`), the trained part's length, and the
+    response masks cut to that part (each given per response token)."""
+    if not encoder_decoder:
+        return ([len(q) + len(r) for q, r in zip(queries, responses)], [len(q) for q in queries],
+                [len(r) for r in responses], response_masks)
+    lengths = [len(r) for r in responses]
+    if response_masks is not None:
+        response_masks = [m[DECODER_PREFIX:] for m in response_masks]
+    return lengths, [DECODER_PREFIX] * len(lengths), [max(n - DECODER_PREFIX, 0) for n in lengths], response_masks
 
 
 def padding_side(tokenizer) -> str:

@@ -135,7 +135,7 @@ class PPOEpochs:
     def loss(self, experience: Experience) -> tuple:
         """The training forward and the PPO loss of some rows: (PPOLossOutput, entropy `[b, L-1]`, non-finite flags)."""
         batch = self.plan.prepare(experience.input_ids, experience.attention_mask, experience.mask,
-                                  layout=experience.layout)
+                                  layout=experience.layout, encoder=experience.encoder)
         logprobs, entropy, values, _ = self.plan.forward(self.model, batch, return_entropy=True)
         out = ppo_loss_for(self.config, logprobs, experience.old_logprobs, values.float(), experience.old_values,
                        experience.advantages, experience.returns, experience.mask, experience.rollout_logprobs)

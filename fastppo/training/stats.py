@@ -1,8 +1,9 @@
 """The statistics `PPOTrainer.step` returns, under TRL 0.11's keys and with its averaging.
 
 Per mini-batch values are token-weighted means; `ppo/*` is their unweighted mean over
-(epoch, mini-batch); `ppo/val/var_explained` is computed after that averaging. Scalars
-come back as Python floats, distributions as numpy arrays.
+(epoch, mini-batch); `ppo/val/var_explained` is computed after that averaging. Statistics TRL
+does not have are fastppo's own, under `fastppo/` (a mini-batch statistic keeps that prefix
+instead of taking `ppo/`). Scalars come back as Python floats, distributions as numpy arrays.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def minibatch_stats(
     mask: torch.Tensor,
     vf_coef: float,
 ) -> dict:
-    """One mini-batch's statistics (tensors, still on device; keys without the `ppo/` prefix)."""
+    """One mini-batch's statistics (tensors, still on device; TRL's keys without the `ppo/` prefix, and
+    fastppo's own under `fastppo/`)."""
     stats = {
         "loss/policy": out.pg_loss.detach(),
         "loss/value": out.vf_loss.detach(),
@@ -35,7 +37,7 @@ def minibatch_stats(
         "policy/approxkl": out.approxkl,
         "policy/policykl": out.policykl,
         "policy/clipfrac": out.pg_clipfrac,
-        "policy/clipfrac_lower": out.pg_clipfrac_lower,  # dual clip only; 0 without it
+        "fastppo/policy/clipfrac_lower": out.pg_clipfrac_lower,  # dual clip only; 0 without it
         "policy/advantages": torch.nan_to_num(advantages.detach().flatten(), nan=-1.0),
         "policy/advantages_mean": ops.masked_mean(advantages, mask),
         "policy/ratio": out.ratio.flatten(),
@@ -48,8 +50,8 @@ def minibatch_stats(
         "val/var": ops.masked_var(old_values, mask),
     }
     if out.tis_weight_mean is not None:  # rollout_correction="tis"
-        stats["policy/tis_weight_mean"] = out.tis_weight_mean
-        stats["policy/tis_clipfrac"] = out.tis_clipfrac
+        stats["fastppo/policy/tis_weight_mean"] = out.tis_weight_mean
+        stats["fastppo/policy/tis_clipfrac"] = out.tis_clipfrac
     return stats
 
 
@@ -102,7 +104,7 @@ def step_stats(
         stats[f"tokens/{name}_len_std"] = float(lengths.std(ddof=1)) if lengths.size > 1 else 0.0
         stats[f"tokens/{name}_dist"] = lengths
     for key, value in train_stats.items():
-        stats[f"ppo/{key}"] = value
+        stats[key if key.startswith("fastppo/") else f"ppo/{key}"] = value
     stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
     return stats
 

@@ -39,7 +39,8 @@ class TRLMethods:
 
     @property
     def is_encoder_decoder(self) -> bool:
-        return False  # causal LMs only
+        """Whether the policy is an encoder-decoder model (TRL's test: the model has `is_encoder_decoder`)."""
+        return bool(self.config.is_encoder_decoder)
 
     @property
     def model_params(self) -> list:
@@ -85,13 +86,21 @@ class TRLMethods:
 
     def prepare_model_inputs(self, queries: list, responses: list) -> dict:
         """`{"input_ids", "attention_mask"}` `[B, L]` of query+response rows, padded on the tokenizer's side
-        to the longest row (by `training_data_collator` when one was given), on the trainer's device."""
+        to the longest row (by `training_data_collator` when one was given), on the trainer's device. For an
+        encoder-decoder model, the queries padded so and the responses as `decoder_input_ids` and
+        `decoder_attention_mask`, as TRL's."""
         self._require_pad_token("prepare_model_inputs")
-        sequences = [torch.cat([q, r]).to(self.current_device) for q, r in zip(queries, responses)]
+        if not self.is_encoder_decoder:
+            return self._padded([torch.cat([q, r]) for q, r in zip(queries, responses)])
+        decoder = self._padded(responses)
+        return {**self._padded(queries), "decoder_input_ids": decoder["input_ids"],
+                "decoder_attention_mask": decoder["attention_mask"]}
+
+    def _padded(self, sequences: list) -> dict:
+        sequences = [s.to(self.current_device) for s in sequences]
         if self.data_collator is not None:
             batch = self.data_collator([{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in sequences])
-            batch = {key: value.to(self.current_device) for key, value in batch.items() if key != "labels"}
-            return batch
+            return {key: value.to(self.current_device) for key, value in batch.items() if key != "labels"}
         input_ids, attention_mask = padding.pad_rows(
             sequences, max(len(s) for s in sequences), self.tokenizer.pad_token_id,
             padding.padding_side(self.tokenizer), self.current_device)
@@ -104,14 +113,20 @@ class TRLMethods:
         (times `response_masks`). Without `return_logits`, the configured LM-head path runs: with
         response_only_logits/fused_lm_head, log-probs off the response are 0."""
         input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
-        masks = padding.response_mask(attention_mask, [len(q) for q in queries], [len(r) for r in responses],
-                                      response_masks)
+        encoder = None
+        if self.is_encoder_decoder:  # the rows scored are the decoder's (see fastppo.training.padding)
+            encoder = (input_ids, attention_mask)
+            input_ids, attention_mask = model_inputs["decoder_input_ids"], model_inputs["decoder_attention_mask"]
+        _, prefixes, trained, response_masks = padding.row_parts(queries, responses, self.is_encoder_decoder,
+                                                                 response_masks)
+        masks = padding.response_mask(attention_mask, prefixes, trained, response_masks)
         model.eval()
         parts = {"logprobs": [], "logits": [], "values": []}
         chunk = self.config.mini_batch_size
         for start in range(0, input_ids.shape[0], chunk):
             rows = slice(start, start + chunk)
-            batch = self.forward_plan.prepare(input_ids[rows], attention_mask[rows], masks[rows], pack=False)
+            batch = self.forward_plan.prepare(input_ids[rows], attention_mask[rows], masks[rows], pack=False,
+                                              encoder=None if encoder is None else (encoder[0][rows], encoder[1][rows]))
             out = self.forward_plan.forward(model, batch, keep_logits=return_logits)
             parts["logprobs"].append(out.logprobs)
             parts["values"].append(out.values)
@@ -222,26 +237,51 @@ class TRLMethods:
         """True (and gradients zeroed) when early_stopping is on and the policy KL passed 1.5 × target_kl."""
         return bool(self.config.early_stopping) and self.ppo_epochs.should_stop_early(policykl)
 
+    def _push_if_best(self, scores: torch.Tensor) -> None:
+        """TRL's `push_to_hub_if_best_kwargs`: every `compare_steps` steps, push the policy that produced
+        these responses when their mean (prepared) score beats every one compared before."""
+        if not self.config.push_to_hub_if_best_kwargs:
+            return
+        if self._compare_step % self.config.compare_steps == 0:
+            mean_score = float(scores.float().mean())
+            if mean_score > self.highest_reward:
+                self.highest_reward = mean_score
+                self.push_to_hub(**self.config.push_to_hub_if_best_kwargs)
+        self._compare_step += 1
+
     def _step_safety_checker(self, batch_size: int, queries: list, responses: list, scores, masks=None):
         """Check and move the step's inputs as `step` does: `(queries, responses, scores, masks)` on the device."""
         batch = inputs.check_step_inputs(queries, responses, scores, masks, batch_size, self.vocab_size,
-                                         self.current_device)
+                                         self.current_device, encoder_decoder=self.is_encoder_decoder)
         return batch.queries, batch.responses, list(batch.scores), batch.response_masks
 
     # ------------------------------------------------------------------ saving and logging
 
     def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> None:
-        """Send `stats` plus `env/reward_*` to accelerate's trackers (when `config.log_with` is set)."""
+        """Send `stats` plus `env/reward_*` to accelerate's trackers (when `config.log_with` is set); with wandb,
+        also the `game_log` table of `columns_to_log` (gathered from every process) and the rewards. Raises
+        ValueError, on every process, when one of `columns_to_log` is not in `batch` (TRL's behaviour)."""
+        table = self.config.log_with == "wandb"
+        if table:
+            missing = [column for column in columns_to_log if column not in batch]
+            if missing:
+                raise ValueError(f"columns_to_log: {missing} not in the batch (its keys: {sorted(batch)}); pass "
+                                 "columns_to_log naming only the batch's keys")
         if not isinstance(rewards, torch.Tensor):
             rewards = torch.tensor([float(r) for r in rewards])
         rewards = self.accelerator.gather(rewards.float().to(self.current_device)).flatten()
+        columns = [list(batch[column]) for column in columns_to_log] if table else []
+        if table and self.is_distributed:
+            from accelerate.utils import gather_object
+
+            columns = [gather_object(column) for column in columns]
         if not self.accelerator.is_main_process:
             return
         logs = dict(stats)
-        if self.config.log_with == "wandb" and all(column in batch for column in columns_to_log):
+        if table:
             import wandb
 
-            rows = [list(row) for row in zip(*[batch[c] for c in columns_to_log], rewards.cpu().tolist())]
+            rows = [list(row) for row in zip(*columns, rewards.cpu().tolist())]
             logs["game_log"] = wandb.Table(columns=[*columns_to_log, "reward"], rows=rows)
         logs["env/reward_mean"] = rewards.mean().item()
         logs["env/reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0

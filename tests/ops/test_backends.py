@@ -42,7 +42,7 @@ def test_trainer_matches_between_backends(gpt2_dir, tokenizer, config_kwargs):
             np.testing.assert_allclose(np.asarray(got[key], dtype=np.float64), np.asarray(value, dtype=np.float64),
                                        err_msg=key, **TRAINER)
     if "dual_clip" in config_kwargs:  # the switch was exercised, not just accepted
-        assert max(stats["ppo/policy/clipfrac_lower"] for stats in torch_stats) > 0
+        assert max(stats["fastppo/policy/clipfrac_lower"] for stats in torch_stats) > 0
     expected_state = torch_trainer.unwrapped_model.state_dict()
     for key, value in triton_trainer.unwrapped_model.state_dict().items():
         torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **WEIGHTS)

@@ -101,8 +101,8 @@ def test_tis_weight_scales_the_policy_gradient(gpt2_dir, tokenizer, shift, weigh
     responses, logprobs = sampled(make_trainer(gpt2_dir, tokenizer))
     _, expected = gradients()
     stats, got = gradients([lp + shift for lp in logprobs], rollout_correction="tis")
-    assert stats["ppo/policy/tis_weight_mean"] == pytest.approx(weight, rel=1e-5)
-    assert stats["ppo/policy/tis_clipfrac"] == clipfrac
+    assert stats["fastppo/policy/tis_weight_mean"] == pytest.approx(weight, rel=1e-5)
+    assert stats["fastppo/policy/tis_clipfrac"] == clipfrac
     pairs = [(g, e) for g, e in zip(got, expected) if e is not None and float(e.abs().max()) > 0]
     assert len(pairs) > 10
     for g, e in pairs:
@@ -131,7 +131,7 @@ def test_tis_matches_between_backends(gpt2_dir, tokenizer):
         stats = [trainer.step(QUERIES, responses, SCORES, rollout_logprobs=noisy) for _ in range(2)]
         results[backend] = (stats, trainer.unwrapped_model.state_dict())
     (torch_stats, torch_state), (triton_stats, triton_state) = results["torch"], results["triton"]
-    assert 0 < torch_stats[0]["ppo/policy/tis_clipfrac"] < 1  # both sides of the cap exercised
+    assert 0 < torch_stats[0]["fastppo/policy/tis_clipfrac"] < 1  # both sides of the cap exercised
     for expected, got in zip(torch_stats, triton_stats):
         for key, value in expected.items():
             if not key.startswith("time/") and key != "fastppo/tokens_per_s":

@@ -71,8 +71,8 @@ def test_vllm_engine_trains_syncs_and_matches_hf(llama_dir, tokenizer_dir, tmp_p
     result = run_scenario("train", llama_dir, tokenizer_dir, tmp_path / "saved")
     check_rounds(result["rounds"], first_syncs=0)  # the greedy comparison before training synced first
     for record in result["rounds"]:  # TIS on: weights ≈ 1 when the engine is in sync
-        assert abs(record["stats"]["ppo/policy/tis_weight_mean"] - 1) <= 1e-3
-        assert record["stats"]["ppo/policy/tis_clipfrac"] == 0
+        assert abs(record["stats"]["fastppo/policy/tis_weight_mean"] - 1) <= 1e-3
+        assert record["stats"]["fastppo/policy/tis_clipfrac"] == 0
     assert result["syncs_without_step"] == 0
     assert result["unsynced_gap"] > CHANGED  # the control: without the sync the log-probs are stale
     assert result["resynced_gap"] <= SYNCED

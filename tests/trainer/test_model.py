@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from conftest import dtype_kwarg
 from fastppo import AutoModelForCausalLMWithValueHead, create_reference_model
 
 
@@ -28,7 +29,7 @@ def test_forward_returns_logits_loss_value(model_dir):
 
 def test_model_kwargs_pass_through_and_value_head_kwargs_split(model_dir):
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
-        model_dir, dtype=torch.bfloat16, attn_implementation="eager",
+        model_dir, **dtype_kwarg(torch.bfloat16), attn_implementation="eager",
         summary_dropout_prob=0.0, v_head_init_strategy="normal", v_head_initializer_range=1e-3,
     )
     assert model.pretrained_model.dtype == torch.bfloat16

@@ -7,10 +7,14 @@ import torch
 
 from conftest import assert_same_training, make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from fastppo.models import varlen_attention
 from fastppo.training import packing
 from fastppo.training.forward_plan import ForwardPlan
 
 SGD_WEIGHTS = dict(atol=1e-5, rtol=1e-4)  # SGD: float noise stays float noise in the weights
+# packed passes need transformers' attention registry (transformers 5; not 4.46, scripts/test_oldest.sh)
+needs_packing = pytest.mark.skipif(not varlen_attention.AVAILABLE,
+                                   reason=f"no packed passes: {varlen_attention.UNAVAILABLE}")
 
 
 def _train(model_dir, tokenizer, steps=2, model_kwargs=None, **config_kwargs):
@@ -33,6 +37,7 @@ def _assert_same_training(baseline, candidate):
     assert_same_training(baseline, candidate, SGD_WEIGHTS)
 
 
+@needs_packing
 @pytest.mark.parametrize("head", ["full", "response", "fused"])
 def test_padding_free_trains_the_same(model_dir, tokenizer, head, monkeypatch):
     switches = {"fused": {"fused_lm_head": True}, "response": {"response_only_logits": True}}.get(head, {})
@@ -47,12 +52,14 @@ def test_padding_free_trains_the_same(model_dir, tokenizer, head, monkeypatch):
     _assert_same_training(baseline, candidate)
 
 
+@needs_packing
 def test_padding_free_with_full_kl_and_gradient_checkpointing(gpt2_dir, tokenizer):
     switches = dict(kl_penalty="full", whiten_rewards=True, gradient_checkpointing=True)
     baseline = _train(gpt2_dir, tokenizer, **switches)
     _assert_same_training(baseline, _train(gpt2_dir, tokenizer, padding_free=True, **switches))
 
 
+@needs_packing
 def test_padding_free_with_a_lora_policy(model_dirs, tokenizer):
     llama_dir = model_dirs["llama"]
     peft = pytest.importorskip("peft")
@@ -62,7 +69,7 @@ def test_padding_free_with_a_lora_policy(model_dirs, tokenizer):
     _assert_same_training(baseline, _train(llama_dir, tokenizer, steps=1, model_kwargs=lora, padding_free=True))
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("padding_free", [False, pytest.param(True, marks=needs_packing)])
 @pytest.mark.parametrize("ratio_threshold", [10.0, 1.0000001], ids=["guard-idle", "guard-skips"])
 def test_token_budget_micro_batches_change_nothing(gpt2_dir, tokenizer, padding_free, ratio_threshold, monkeypatch):
     """Rollout passes and each mini-batch split by a 40-token budget: the same stats and weights, TRL's
@@ -85,6 +92,7 @@ def test_token_budget_micro_batches_change_nothing(gpt2_dir, tokenizer, padding_
     _assert_same_training(baseline, budgeted)
 
 
+@needs_packing
 def test_token_budget_groups_rows_in_order_and_a_long_row_alone(gpt2_dir, tokenizer):
     model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
     config = PPOConfig(batch_size=4, mini_batch_size=2, padding_free=True, max_tokens_per_microbatch=30)
@@ -125,6 +133,18 @@ def test_a_model_that_attends_across_packed_sequences_is_refused(gpt2_dir, token
     PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1), model, None, tokenizer)  # padded batches stay fine
 
 
+@pytest.mark.skipif(varlen_attention.AVAILABLE, reason="this transformers packs: see the tests above")
+def test_padding_free_is_refused_where_transformers_cannot_pack(model_dir, tokenizer):
+    """transformers 4.46: no attention registry, and SDPA/eager attend across packed sequences: the trainer says so
+    when it is built, and padded batches still train."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="attends across packed sequences.*attention registry.*set padding_free=False"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1, padding_free=True), model, None, tokenizer)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1), model, None, tokenizer)
+    trainer.step(*make_batch(tokenizer, 2))
+    assert trainer.forward_plan.packed_attention["the policy"].startswith("transformers:")
+
+
 def test_bad_budget_and_switch_values_are_refused():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
@@ -133,6 +153,7 @@ def test_bad_budget_and_switch_values_are_refused():
         PPOConfig(padding_free="yes")
 
 
+@needs_packing
 def test_padding_free_under_bf16_mixed_precision(gpt2_dir, tokenizer, fresh_accelerator_state):
     switches = dict(steps=1, fused_lm_head=True, accelerator_kwargs={"mixed_precision": "bf16"})
     baseline = _train(gpt2_dir, tokenizer, **switches)

@@ -66,3 +66,46 @@ def test_peft_checkpoint_reloads_adapter_and_value_head(lora_model, tokenizer, t
         trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
         assert any("lora_" in n for n in trainable) == is_trainable  # TRL: adapters load frozen unless asked
         assert all("lora_" in n or n.startswith("v_head.") for n in trainable)
+
+
+# reward-model LoRA targets per architecture (GPT-2's attention is a Conv1D: fan_in_fan_out)
+REWARD_LORA = {"gpt2": dict(target_modules=["c_attn"], fan_in_fan_out=True),
+               "llama": dict(target_modules=["q_proj", "v_proj"])}
+
+
+def reward_model_and_adapter(model_dir, arch, folder):
+    """A PEFT sequence classifier over `model_dir` (random LoRA and score head) and where its adapter was saved."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="SEQ_CLS", init_lora_weights=False,
+                             **REWARD_LORA[arch])
+    reward_model = peft.get_peft_model(base, config).eval()
+    reward_model.save_pretrained(folder)
+    return reward_model, folder
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reward_score_of_a_tokenizers_whole_output(arch, model_dirs, tokenizer, tmp_path):
+    """`compute_reward_score(**tokenizer(...))`, token_type_ids included (LlamaModel takes none on transformers
+    4.46), scores as the reward model itself: its pooled score is ours at each row's last token."""
+    reward_model, folder = reward_model_and_adapter(model_dirs[arch], arch, tmp_path / "rm")
+    policy = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **REWARD_LORA[arch])
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dirs[arch], peft_config=policy,
+                                                              reward_adapter=folder)
+    # what a PreTrainedTokenizerFast (Llama 3's tokenizer class) returns by default on transformers 4.46
+    batch = tokenizer(["the cat sat on the mat.", "a dog ran"], return_tensors="pt", padding=True,
+                      return_token_type_ids=True)
+    assert {"input_ids", "attention_mask", "token_type_ids"} <= set(batch)
+    scores = model.compute_reward_score(**batch)
+    assert scores.shape == (*batch["input_ids"].shape, 1)
+    # GPT-2 embeds token types, Llama has none (and its classifier on transformers 4.46 takes no token_type_ids)
+    reward_inputs = dict(batch) if arch == "gpt2" else {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = reward_model(**reward_inputs).logits  # [B, 1], at each row's last non-pad token
+    last = batch["attention_mask"].sum(-1) - 1  # right padding
+    torch.testing.assert_close(scores[torch.arange(2), last], expected, rtol=1e-5, atol=1e-5)
+    if arch == "llama":  # it has no token types: the same scores without them
+        without = model.compute_reward_score(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(scores, without, rtol=0, atol=0)

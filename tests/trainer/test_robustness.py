@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_trainer_unchanged, make_batch, trainer_state
+from conftest import assert_trainer_unchanged, dtype_kwarg, make_batch, trainer_state
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 BATCH = dict(batch_size=4, mini_batch_size=2, ppo_epochs=2)  # 4 optimizer steps per PPO step
@@ -239,7 +239,7 @@ def test_mismatched_reference_or_optimizer_refused(gpt2_dir, tokenizer):
 # ---------------------------------------------------------------------- low-precision training
 
 def test_bf16_weights_without_mixed_precision_warn(gpt2_dir, tokenizer):
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir, **dtype_kwarg(torch.bfloat16))
     with pytest.warns(UserWarning, match="trainable parameters are torch.bfloat16 and no mixed precision"):
         PPOTrainer(PPOConfig(**BATCH), model, None, tokenizer)
     with warnings.catch_warnings():

@@ -1,6 +1,8 @@
 """PPOTrainer.step and generate on tiny models: behaviour of every config switch."""
 
 import math
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -240,6 +242,29 @@ def test_log_stats_without_tracker(gpt2_dir, tokenizer):
     trainer = make_trainer(gpt2_dir, tokenizer)
     stats = trainer.step(*make_batch(tokenizer, 4))
     trainer.log_stats(stats, {"query": ["a"] * 4, "response": ["b"] * 4}, [torch.tensor(1.0)] * 4)
+
+
+def test_log_stats_to_wandb_tables_the_columns_and_refuses_a_missing_one(gpt2_dir, tokenizer, monkeypatch):
+    class Table:  # stands in for wandb.Table (wandb is not installed here; accelerate then drops the tracker)
+        def __init__(self, columns, rows):
+            self.columns, self.rows = columns, rows
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Table=Table))
+    trainer = make_trainer(gpt2_dir, tokenizer)
+    trainer.config.log_with = "wandb"  # what log_stats reads; a real wandb tracker would need the package
+    logged = []
+    monkeypatch.setattr(trainer.accelerator, "log", lambda logs, step=None: logged.append(logs))
+    stats = {"objective/kl": 0.5}
+    batch = {"query": ["q0", "q1"], "response": ["r0", "r1"], "ref_response": ["x0", "x1"]}
+    with pytest.raises(ValueError, match=r"columns_to_log: \['ref_rewards'\] not in the batch"):
+        trainer.log_stats(stats, batch, [torch.tensor(1.0), torch.tensor(2.0)],
+                          columns_to_log=["query", "response", "ref_rewards"])
+    assert not logged
+    trainer.log_stats(stats, batch, [torch.tensor(1.0), torch.tensor(2.0)], columns_to_log=["query", "ref_response"])
+    table = logged[0]["game_log"]
+    assert table.columns == ["query", "ref_response", "reward"]
+    assert table.rows == [["q0", "x0", 1.0], ["q1", "x1", 2.0]]
+    assert logged[0]["env/reward_mean"] == pytest.approx(1.5) and logged[0]["objective/kl"] == 0.5
 
 
 # --------------------------------------------------------------------------- generate

@@ -48,8 +48,8 @@ def test_masked_statistics_and_whitening():
     shifted = core.masked_whiten(values, mask, shift_mean=False)
     torch.testing.assert_close(shifted.double(), whitened.double() + picked.mean(), rtol=1e-5, atol=1e-5)
     flat = values.flatten().double()
-    torch.testing.assert_close(core.whiten(values).double(), (values.double() - flat.mean()) / torch.sqrt(flat.var() + 1e-8),
-                               rtol=1e-5, atol=1e-5)
+    whitened_flat = (values.double() - flat.mean()) / torch.sqrt(flat.var() + 1e-8)
+    torch.testing.assert_close(core.whiten(values).double(), whitened_flat, rtol=1e-5, atol=1e-5)
 
 
 def test_clip_by_value_with_tensor_and_number_bounds():
@@ -93,3 +93,28 @@ def test_seeding_and_length_sampling():
     assert {sampler() for _ in range(200)} == {4, 5, 6}
     with core.PPODecorators.empty_device_cache():
         pass
+
+
+def test_randn_tensor_shape_generators_dtype_and_device():
+    noise = core.randn_tensor((3, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert noise.shape == (3, 4) and noise.dtype == torch.float64 and noise.device.type == "cpu"
+    assert noise.equal(torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    # a list: row i from generator i, so each row is reproducible whatever the others' seeds
+    rows = core.randn_tensor((2, 3, 2), generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
+    assert rows.shape == (2, 3, 2)
+    assert rows[1].equal(torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(8))[0])
+    single = core.randn_tensor([2, 2], generator=[torch.Generator().manual_seed(1)])  # one in a list: as one
+    assert single.equal(torch.randn(2, 2, generator=torch.Generator().manual_seed(1)))
+    assert core.randn_tensor((2,), layout=torch.strided, device="cpu").shape == (2,)
+    with pytest.raises(ValueError, match="one per row of shape\\[0\\]=3"):
+        core.randn_tensor((3, 2), generator=[torch.Generator(), torch.Generator()])
+
+
+def test_randn_tensor_with_a_cpu_generator_for_another_device():
+    # no accelerator here: "meta" stands in for one (a CPU generator cannot draw on it either)
+    with pytest.warns(UserWarning, match="generator is on the CPU"):
+        noise = core.randn_tensor((2, 3), generator=torch.Generator().manual_seed(0), device="meta")
+    assert noise.device.type == "meta" and noise.shape == (2, 3)
+    fake_cuda = type("FakeGenerator", (), {"device": torch.device("cuda", 0)})()
+    with pytest.raises(ValueError, match="cannot draw a cpu tensor from a cuda generator"):
+        core.randn_tensor((2,), generator=fake_cuda)

@@ -33,7 +33,8 @@ def test_setup_chat_format_refuses_other_formats(gpt2_dir, tokenizer):
 
 
 def test_supported_architectures_and_unwrap_for_generation(gpt2_dir):
-    assert fastppo.SUPPORTED_ARCHITECTURES == (AutoModelForCausalLMWithValueHead,)
+    assert fastppo.SUPPORTED_ARCHITECTURES == (AutoModelForCausalLMWithValueHead,
+                                               fastppo.AutoModelForSeq2SeqLMWithValueHead)
     accelerator = Accelerator()
     model = accelerator.prepare(AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir))
     with unwrap_model_for_generation(model, accelerator) as unwrapped:

@@ -1,6 +1,7 @@
 """TRL 0.11.4's value-head model surface: attributes, post_init, quantisation flags, the PEFT reward adapter,
 and PEFT checkpoints both ways (TRL-written fixtures in tests/data/trl_peft, see its README)."""
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 import fastppo.models.wrapper
 from conftest import make_batch
@@ -145,6 +146,10 @@ class _Recording(AutoModelForCausalLMWithValueHead):
 
 def test_quantisation_flags_become_a_bitsandbytes_config(gpt2_dir, monkeypatch):
     monkeypatch.setattr(fastppo.models.wrapper, "_bitsandbytes_installed", lambda: True)
+    # transformers 4.46's BitsAndBytesConfig(load_in_4bit=True) reads bitsandbytes' installed version itself
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.44.1" if name == "bitsandbytes" else real_version(name))
     kbit_calls = []
 
     def prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
@@ -219,8 +224,10 @@ def test_reward_adapter_scores_as_trl(trl_peft, expected, how):
         model = AutoModelForCausalLMWithValueHead.from_pretrained(trl_peft / "policy", reward_adapter=reward_adapter,
                                                                   attn_implementation="eager", is_trainable=True)
     else:
-        source = BASE if how == "new adapter" else AutoModelForCausalLM.from_pretrained(BASE, attn_implementation="eager")
-        model = AutoModelForCausalLMWithValueHead.from_pretrained(source, peft_config=lora(), attn_implementation="eager",
+        source = BASE if how == "new adapter" else AutoModelForCausalLM.from_pretrained(BASE,
+                                                                                        attn_implementation="eager")
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(source, peft_config=lora(),
+                                                                  attn_implementation="eager",
                                                                   reward_adapter=str(reward_adapter),
                                                                   reward_adapter_name="rm")
     assert model.supports_rm_adapter and model.policy_adapter_name == "default"
@@ -239,6 +246,41 @@ def test_reward_adapter_scores_as_trl(trl_peft, expected, how):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     if how == "saved policy":
         torch.testing.assert_close(before[1], expected["values"], **FP32)
+
+
+def test_add_and_load_reward_modeling_adapter_as_trl(trl_peft, expected):
+    """TRL's classmethod: load the reward adapter into a PEFT model, return its frozen score head."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(BASE, peft_config=lora(), attn_implementation="eager")
+    peft_model = model.pretrained_model.train()
+    score = AutoModelForCausalLMWithValueHead.add_and_load_reward_modeling_adapter(
+        peft_model, trl_peft / "reward_adapter")
+    assert isinstance(score, torch.nn.Linear) and not any(p.requires_grad for p in score.parameters())
+    assert "reward_model_adapter" in peft_model.peft_config and peft_model.active_adapter == "default"
+    assert peft_model.training  # the mode it had (PEFT's load_adapter switches to eval)
+    rm_lora = [p for n, p in peft_model.named_parameters() if "lora_" in n and "reward_model_adapter" in n]
+    assert rm_lora and not any(p.requires_grad for p in rm_lora)
+    loaded = AutoModelForCausalLMWithValueHead.from_pretrained(BASE, peft_config=lora(), attn_implementation="eager",
+                                                               reward_adapter=trl_peft / "reward_adapter")
+    assert score.weight.equal(loaded.score.weight) and score.weight.dtype == loaded.score.weight.dtype
+    # the wrapper built with that head scores as TRL
+    model = AutoModelForCausalLMWithValueHead(peft_model, score_module=score, supports_rm_adapter=True,
+                                              rm_adapter_name="reward_model_adapter")
+    scores = model.compute_reward_score(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"])
+    torch.testing.assert_close(scores, expected["reward_scores"], **FP32)
+
+    add = AutoModelForCausalLMWithValueHead.add_and_load_reward_modeling_adapter
+    with pytest.raises(TypeError, match="pretrained_model must be a peft.PeftModel"):
+        add(AutoModelForCausalLM.from_pretrained(BASE), trl_peft / "reward_adapter")
+    with pytest.raises(ValueError, match="adapter_model_id='/nonexistent/rm': no adapter_config.json"):
+        add(peft_model, "/nonexistent/rm", "rm2")
+    with pytest.raises(ValueError, match="adapter_name='reward_model_adapter' is already"):
+        add(peft_model, trl_peft / "reward_adapter")
+
+
+def test_supported_architectures_and_current_device():
+    architectures = AutoModelForCausalLMWithValueHead.supported_pretrained_model_architectures
+    assert architectures == (PreTrainedModel, peft.PeftModelForCausalLM, peft.PeftModelForSeq2SeqLM)  # TRL's
+    assert PreTrainedModelWrapper._get_current_device() == (0 if torch.cuda.is_available() else "cpu")
 
 
 def test_reward_adapter_bad_input_names_the_argument(trl_peft, gpt2_dir):
@@ -264,7 +306,7 @@ def test_peft_config_is_ignored_for_a_saved_adapter(trl_peft, expected, caplog):
     torch.testing.assert_close(outputs(model, expected)[1], expected["values"], **FP32)
 
 
-# ---------------------------------------------------------------------------------------------- fastppo's PEFT checkpoints
+# ------------------------------------------------------------------------------------------- fastppo's PEFT checkpoints
 
 
 def _tensor_layout(path):

@@ -76,8 +76,11 @@ def test_step_matches_trl(case, backend):
     recorded = json.loads((DATA / case / "stats.json").read_text())["steps"]
     assert len(results) == len(recorded)
     for step, ((stats, kl_coef_after), expected) in enumerate(zip(results, recorded)):
-        trl_keys = {k for k in expected["_all_keys"]}
+        # TRL's keys, plus fastppo's own only under fastppo/ (as the README promises)
+        trl_keys = set(expected["_all_keys"])
         assert trl_keys <= set(stats), f"missing TRL keys {sorted(trl_keys - set(stats))}"
+        foreign = sorted(key for key in set(stats) - trl_keys if not key.startswith("fastppo/"))
+        assert not foreign, f"keys neither TRL's nor under fastppo/: {foreign}"
         for key, value in expected.items():
             if key.startswith("_") or key.startswith("kl_ctl") or key.startswith("time/"):
                 continue
