@@ -229,3 +229,15 @@ def test_trl_ppo_script_loop_with_use_seq2seq():
         trainer.log_stats(stats, batch, rewards, columns_to_log=["query", "response", "ref_response", "ref_rewards"])
         assert np.isfinite(stats["ppo/loss/total"]) and stats["fastppo/optimizer_steps"] == 4
     assert trainer.current_step == 0  # (log_with=None: TRL counts steps only for tensorboard)
+
+
+def test_gradient_checkpointing_keeps_the_numbers():
+    """With gradient checkpointing the training forward runs in train mode with dropout disabled: same step."""
+    inputs = torch.load(DATA / "default" / "inputs.pt")["steps"][0]
+    results = []
+    for checkpointing in (False, True):
+        trainer = _trainer(PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, seed=0,
+                                     gradient_checkpointing=checkpointing))
+        stats = trainer.step(inputs["queries"], inputs["responses"], inputs["scores"])
+        results.append([stats[k] for k in ("ppo/loss/total", "ppo/policy/approxkl", "ppo/val/error")])
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-7)
