@@ -149,6 +149,60 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened
 
 
+# --------------------------------------------------------------------------- critic-free advantages
+# The group statistics are a [B] computation (a few hundred scores): PyTorch, no kernel, on every backend.
+
+SCALE_REWARDS = ("group", "batch", "none")
+GROUP_STD_EPS = 1e-6  # outside the square root, as veRL's GRPO
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[B]` scores → `[B / n, n]`: consecutive rows are a group (what `generate(num_return_sequences=n)` returns)."""
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"group_size must be at least 2 and divide the batch ({scores.shape[0]} rows), "
+                         f"got {group_size}")
+    return scores.float().reshape(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO's per-response advantage `[B]`: A_i = (r_i − mean_g) / (std_g + 1e-6), std Bessel-corrected (n − 1).
+
+    `scale_rewards`: "group" (the std of the response's group), "batch" (the std of all B scores), "none" (Dr.
+    GRPO: A_i = r_i − mean_g). A group whose scores are all equal gets 0 (its numerator is 0)."""
+    grouped = _groups(scores, group_size)
+    centered = grouped - grouped.mean(-1, keepdim=True)
+    if scale_rewards == "group":
+        centered = centered / (grouped.std(-1, keepdim=True) + GROUP_STD_EPS)
+    elif scale_rewards == "batch":
+        centered = centered / (grouped.std() + GROUP_STD_EPS)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    return centered.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's leave-one-out advantage `[B]`: A_i = r_i − mean_{j≠i} r_j = (r_i − mean_g)·n/(n − 1); no scaling."""
+    grouped = _groups(scores, group_size)
+    return ((grouped - grouped.mean(-1, keepdim=True)) * (group_size / (group_size - 1))).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE++ `[B, T]`: each token's discounted return G_t = Σ_k γ^k r_{t+k} of the per-token rewards (the
+    score at the last token plus the reward KL penalty), whitened over every masked token of the batch,
+    (G − mean)·rsqrt(var + 1e-8), var Bessel-corrected; 0 off the mask. The return runs through masked tokens
+    inside a response (veRL's loop restarts it there; the same wherever a response has no masked hole)."""
+    returns, _ = gae(rewards, torch.zeros_like(rewards, dtype=torch.float32), mask, gamma, 1.0)  # λ = 1, V = 0
+    return masked_whiten(returns, mask) * mask.float()
+
+
+def reinforce_pp_baseline_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE++-baseline `[B, T]`: each response's score minus its group's mean, on every masked token, then
+    whitened over those tokens as in `reinforce_pp_advantages`; 0 off the mask."""
+    grouped = _groups(scores, group_size)
+    centered = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)
+    return masked_whiten(centered[:, None] * mask.float(), mask) * mask.float()
+
+
 def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
