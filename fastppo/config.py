@@ -109,6 +109,10 @@ class PPOConfig:
     """Zero a mini-batch's loss when its mean ratio exceeds this (TRL's loss-spike guard)."""
     dual_clip: Optional[float] = None
     """Dual-clip PPO: bound negative-advantage tokens' policy loss at −A·dual_clip (> 1, e.g. 3.0); None = TRL."""
+    cliprange_low: Optional[float] = None
+    """The ratio's lower clip bound is 1 − cliprange_low; None: cliprange (TRL)."""
+    cliprange_high: Optional[float] = None
+    """The ratio's upper clip bound is 1 + cliprange_high (DAPO's clip-higher: above cliprange_low); None: cliprange."""
     use_score_scaling: bool = False
     """Divide scores by their running standard deviation."""
     use_score_norm: bool = False
@@ -218,12 +222,13 @@ _RANGES = {
     "steps": (lambda v: v >= 0, "a non-negative integer"),
     "learning_rate": _NON_NEGATIVE, "init_kl_coef": _NON_NEGATIVE, "target": _POSITIVE, "horizon": _POSITIVE,
     "gamma": _FRACTION, "lam": _FRACTION, "cliprange": _NON_NEGATIVE, "cliprange_value": _NON_NEGATIVE,
+    "cliprange_low": _NON_NEGATIVE, "cliprange_high": _NON_NEGATIVE,
     "vf_coef": _NON_NEGATIVE, "max_grad_norm": _POSITIVE, "target_kl": _POSITIVE, "ratio_threshold": _POSITIVE,
     "dual_clip": (lambda v: v > 1, "a number > 1"), "score_clip": _POSITIVE, "rollout_is_cap": _POSITIVE,
 }
 # Limits where +inf means "never" (no clipping, no ratio guard, no early stop), as TRL accepts them.
-_MAY_BE_INFINITE = ("cliprange", "cliprange_value", "max_grad_norm", "target_kl", "ratio_threshold", "score_clip",
-                    "rollout_is_cap")
+_MAY_BE_INFINITE = ("cliprange", "cliprange_low", "cliprange_high", "cliprange_value", "max_grad_norm", "target_kl",
+                    "ratio_threshold", "score_clip", "rollout_is_cap")
 _CHOICES = {"kl_penalty": KL_PENALTIES, "backend": BACKENDS, "rollout_engine": ROLLOUT_ENGINES,
             "rollout_correction": ROLLOUT_CORRECTIONS}
 # accelerate.Accelerator arguments the trainer sets from other fields

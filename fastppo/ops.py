@@ -239,6 +239,16 @@ def masked_whiten(
         return impl(values, mask, shift_mean)
 
 
+def _check_cliprange(cliprange):
+    """A number ≥ 0 (as a float) or a `(low, high)` pair of them (as a tuple of floats); ValueError otherwise."""
+    pair = isinstance(cliprange, (tuple, list)) and len(cliprange) == 2
+    parts = tuple(cliprange) if pair else (cliprange,)
+    if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) and not math.isnan(c) and c >= 0
+               for c in parts):
+        raise ValueError(f"cliprange must be a number >= 0 or a (low, high) pair of them, got {cliprange!r}")
+    return tuple(float(c) for c in parts) if pair else float(cliprange)
+
+
 def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -247,7 +257,7 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    cliprange: float,
+    cliprange,
     cliprange_value: float,
     vf_coef: float,
     backend: Optional[str] = None,
@@ -258,7 +268,9 @@ def ppo_loss(
     """Clipped policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
 
     Returns a `PPOLossOutput` (losses with gradient w.r.t. logprobs and values, plus the
-    mini-batch statistics). All inputs `[B, T]`, one device. `dual_clip` = c > 1 bounds the
+    mini-batch statistics). All inputs `[B, T]`, one device. `cliprange`: ε ≥ 0 (the ratio clipped to
+    [1 − ε, 1 + ε], TRL's) or a pair `(low, high)` for [1 − low, 1 + high] (DAPO's clip-higher: high > low).
+    `dual_clip` = c > 1 bounds the
     loss of negative-advantage tokens at −A·c (dual-clip PPO); None is TRL's loss.
     `rollout_logprobs` `[B, T]` (float): the log-probs of the engine that sampled the tokens
     (e.g. vLLM); given, each token's policy loss is weighted by the truncated importance weight
@@ -278,9 +290,10 @@ def ppo_loss(
         raise TypeError(f"rollout_is_cap must be a number, got {type(rollout_is_cap).__name__}")
     if not (math.isfinite(rollout_is_cap) and rollout_is_cap > 0):
         raise ValueError(f"rollout_is_cap must be a finite number > 0, got {rollout_is_cap!r}")
+    cliprange = _check_cliprange(cliprange)
     impl = _implementation("ppo_loss", backend, logprobs.device)
     return impl(logprobs, old_logprobs, values, old_values, advantages, returns, mask,
-                float(cliprange), float(cliprange_value), float(vf_coef),
+                cliprange, float(cliprange_value), float(vf_coef),
                 dual_clip=float(dual_clip) if dual_clip is not None else None,
                 rollout_logprobs=rollout_logprobs, rollout_is_cap=float(rollout_is_cap))
 

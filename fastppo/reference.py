@@ -203,6 +203,11 @@ def reinforce_pp_baseline_advantages(scores: torch.Tensor, mask: torch.Tensor, g
     return masked_whiten(centered[:, None] * mask.float(), mask) * mask.float()
 
 
+def clip_bounds(cliprange) -> tuple:
+    """`(low, high)` of a `cliprange`: ε → (ε, ε); a pair as it is."""
+    return (cliprange, cliprange) if isinstance(cliprange, (int, float)) else tuple(cliprange)
+
+
 def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -211,7 +216,7 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    cliprange: float,
+    cliprange,
     cliprange_value: float,
     vf_coef: float,
     dual_clip: Optional[float] = None,
@@ -220,7 +225,9 @@ def ppo_loss(
 ) -> PPOLossOutput:
     """Clipped PPO policy loss + clipped value loss, masked means over `[B, T]`.
 
-    Gradients flow to `logprobs` and `values`; the other inputs are constants. `dual_clip`
+    Gradients flow to `logprobs` and `values`; the other inputs are constants. `cliprange`: ε, the
+    ratio clipped to [1 − ε, 1 + ε], or a pair `(low, high)`: [1 − low, 1 + high] (DAPO's clip-higher
+    when high > low; `pg_clipfrac` counts the tokens clipped on either side). `dual_clip`
     = c > 1 (dual-clip PPO, Ye et al. 2020, veRL's clip_ratio_c): where the advantage is
     negative the token's policy loss is at most −A·c, so a huge ratio cannot blow it up.
     `rollout_logprobs` `[B, T]` (any float dtype): each token's log-prob under the engine that
@@ -242,7 +249,8 @@ def ppo_loss(
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_losses_unclipped = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    low, high = clip_bounds(cliprange)
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     pg_losses = torch.maximum(pg_losses_unclipped, pg_losses_clipped)
     pg_clipfrac = masked_mean((pg_losses_clipped > pg_losses_unclipped).float(), mask)
     held = torch.zeros_like(pg_losses)

@@ -297,7 +297,8 @@ class _PPOLossFunction(torch.autograd.Function):
         loss, pg_loss, vf_loss = (torch.empty((), dtype=torch.float32, device=device) for _ in range(3))
         stats = torch.empty(N_STATS, dtype=torch.float32, device=device)
         count = torch.empty((), dtype=torch.float32, device=device)
-        clip = (1.0 - cliprange, 1.0 + cliprange, cliprange_value)
+        low, high = cliprange  # (ops.ppo_loss hands the pair)
+        clip = (1.0 - low, 1.0 + high, cliprange_value)
         dual_c = float(dual_clip) if dual_clip is not None else 0.0
         modes = dict(DUAL_CLIP=dual_clip is not None, ROLLOUT_IS=rollout_logprobs is not None)
         with device_guard(logprobs):
@@ -348,6 +349,10 @@ class _PPOLossFunction(torch.autograd.Function):
         return (dlogp, dv) + (None,) * 11
 
 
+def _clip_pair(cliprange) -> tuple:
+    return (float(cliprange),) * 2 if isinstance(cliprange, (int, float)) else tuple(float(c) for c in cliprange)
+
+
 def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -356,7 +361,7 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    cliprange: float,
+    cliprange,
     cliprange_value: float,
     vf_coef: float,
     dual_clip: Optional[float] = None,
@@ -365,7 +370,8 @@ def ppo_loss(
 ) -> PPOLossOutput:
     """Clipped PPO policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
 
-    Two launches forward (partial sums, then a one-program reduction) and one backward.
+    Two launches forward (partial sums, then a one-program reduction) and one backward. `cliprange`: ε, or
+    `(low, high)` for the ratio's bounds [1 − low, 1 + high].
     Returns a `PPOLossOutput`: loss, pg_loss, vf_loss differentiable w.r.t. logprobs and
     values (the other inputs are treated as constants), the stats as 0-d float32 views of
     one buffer, and ratio `[B, T]` float32 (detached). With `rollout_logprobs` `[B, T]` each
@@ -375,7 +381,8 @@ def ppo_loss(
     """
     loss, pg_loss, vf_loss, stats, ratio = _PPOLossFunction.apply(
         logprobs, values, old_logprobs, old_values, advantages, returns, mask,
-        float(cliprange), float(cliprange_value), float(vf_coef), dual_clip, rollout_logprobs, float(rollout_is_cap),
+        _clip_pair(cliprange), float(cliprange_value), float(vf_coef), dual_clip, rollout_logprobs,
+        float(rollout_is_cap),
     )
     (pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error, pg_clipfrac_lower,
      tis_weight_mean, tis_clipfrac) = stats.unbind()

@@ -29,9 +29,16 @@ from .forward_plan import ForwardPlan
 def ppo_loss_for(config, logprobs, old_logprobs, values, old_values, advantages, returns, mask,
                  rollout_logprobs=None) -> PPOLossOutput:
     """`ops.ppo_loss` with the config's clip ranges, value coefficient, dual clip, TIS cap and backend (`[b, T]`)."""
-    return ops.ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, config.cliprange,
+    return ops.ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, ratio_clip(config),
                         config.cliprange_value, config.vf_coef, backend=config.backend, dual_clip=config.dual_clip,
                         rollout_logprobs=rollout_logprobs, rollout_is_cap=config.rollout_is_cap)
+
+
+def ratio_clip(config):
+    """The loss's `cliprange`: the config's number, or `(low, high)` where cliprange_low/high differ from it."""
+    low = config.cliprange if config.cliprange_low is None else config.cliprange_low
+    high = config.cliprange if config.cliprange_high is None else config.cliprange_high
+    return config.cliprange if low == high == config.cliprange else (low, high)
 
 
 def ratio_spikes(ratio_mean: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -196,6 +196,42 @@ def test_dual_clip_by_hand_and_its_ties():
     _check(inputs, upstream=(None, 1.0, None), dual_clip=3.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_higher_matches_reference(dtype):
+    """cliprange=(low, high): the ratio clipped to [1 − low, 1 + high], alone and with the dual clip."""
+    inputs = _inputs(4, 37, seed=21, dtype=dtype, spread=0.5)
+    wide, _, _ = _check(inputs, cliprange=(0.2, 0.5))
+    plain, _, _ = _check(inputs, cliprange=0.2)
+    assert 0 < wide.pg_clipfrac < plain.pg_clipfrac  # a higher upper bound clips fewer tokens, still some
+    _check(inputs, cliprange=(0.1, 0.3), dual_clip=3.0)
+
+
+def test_clip_higher_by_hand():
+    """Ratios 0.5, 1.5, 1.5, 0.5 with A = 1, 1, −1, −1 and bounds [0.8, 1.28]: token losses −0.5,
+    −1.28 (clipped), 1.5, 0.8 (clipped) → mean 0.13; the clipped tokens get no gradient. (0.2, 0.2) is
+    cliprange=0.2 exactly."""
+    inputs = _inputs(1, 4, seed=22)
+    inputs.update(logprobs=torch.tensor([[0.5, 1.5, 1.5, 0.5]]).log().to(DEVICE),
+                  old_logprobs=torch.zeros(1, 4, device=DEVICE),
+                  advantages=torch.tensor([[1.0, 1.0, -1.0, -1.0]], device=DEVICE),
+                  mask=torch.ones(1, 4, dtype=torch.bool, device=DEVICE))
+    for fn in (ppo_loss, reference.ppo_loss):
+        out, dlogp, _ = _run(fn, inputs, upstream=(None, 1.0, None), cliprange=(0.2, 0.28))
+        torch.testing.assert_close(out.pg_loss, torch.tensor(0.13, device=DEVICE))
+        torch.testing.assert_close(dlogp, torch.tensor([[-0.5, 0.0, 1.5, 0.0]], device=DEVICE))
+        assert out.pg_clipfrac == 0.5
+        pair, symmetric = _run(fn, inputs, cliprange=(0.2, 0.2))[0], _run(fn, inputs, cliprange=0.2)[0]
+        for name in STATS:
+            torch.testing.assert_close(getattr(pair, name), getattr(symmetric, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cliprange", [-0.1, (0.2,), (0.2, -0.1), (0.2, float("nan")), "0.2", (True, 0.2)])
+def test_ops_refuses_a_bad_cliprange(cliprange):
+    inputs = _inputs(1, 3, seed=23)
+    with pytest.raises(ValueError, match="cliprange"):
+        ops.ppo_loss(*(inputs[k] for k in NAMES), inputs["mask"], cliprange, 0.2, 0.1)
+
+
 def test_dual_clip_must_exceed_one():
     inputs = _inputs(1, 3, seed=15)
     for bad in (1.0, 0.5, "3"):

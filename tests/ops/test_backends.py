@@ -30,7 +30,8 @@ def _train(model_dir, tokenizer, backend, **config_kwargs):
     dict(kl_penalty="full", whiten_rewards=True),
     dict(kl_penalty="k3", gamma=0.9, lam=0.8, max_grad_norm=0.5),
     dict(dual_clip=1.01, learning_rate=3e-3),  # a larger step: second-epoch ratios pass 1.01
-], ids=["default", "full-whiten", "k3-clip", "dual-clip"])
+    dict(cliprange_low=0.01, cliprange_high=0.03, learning_rate=3e-3),  # clip-higher, both bounds reached
+], ids=["default", "full-whiten", "k3-clip", "dual-clip", "clip-higher"])
 def test_trainer_matches_between_backends(gpt2_dir, tokenizer, config_kwargs):
     assert ops.resolve_backend("triton", DEVICE) == "triton"  # the trainer's device: a GPU when there is one
     torch_trainer, torch_stats = _train(gpt2_dir, tokenizer, "torch", **config_kwargs)
@@ -43,6 +44,8 @@ def test_trainer_matches_between_backends(gpt2_dir, tokenizer, config_kwargs):
                                        err_msg=key, **TRAINER)
     if "dual_clip" in config_kwargs:  # the switch was exercised, not just accepted
         assert max(stats["fastppo/policy/clipfrac_lower"] for stats in torch_stats) > 0
+    if "cliprange_high" in config_kwargs:
+        assert max(stats["ppo/policy/clipfrac"] for stats in torch_stats) > 0
     expected_state = torch_trainer.unwrapped_model.state_dict()
     for key, value in triton_trainer.unwrapped_model.state_dict().items():
         torch.testing.assert_close(value, expected_state[key], msg=lambda m: f"{key}: {m}", **WEIGHTS)

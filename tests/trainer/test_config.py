@@ -68,3 +68,16 @@ def test_forward_batch_size_overrides_mini_batch_size():
 def test_to_dict_flattens_nested_dicts():
     flat = PPOConfig(tracker_kwargs={"wandb": {"entity": "me"}}).to_dict()
     assert flat["tracker_kwargs/wandb"] == {"entity": "me"} and flat["batch_size"] == 128
+
+
+def test_clip_higher_fields():
+    from fastppo.training.ppo_epochs import ratio_clip
+
+    assert ratio_clip(PPOConfig()) == 0.2  # TRL's number, untouched
+    assert ratio_clip(PPOConfig(cliprange_low=0.2, cliprange_high=0.2)) == 0.2
+    assert ratio_clip(PPOConfig(cliprange_high=0.28)) == (0.2, 0.28)
+    assert ratio_clip(PPOConfig(cliprange=0.1, cliprange_low=0.3)) == (0.3, 0.1)
+    for name in ("cliprange_low", "cliprange_high"):
+        with pytest.raises(ValueError, match=f"PPOConfig.{name}"):
+            PPOConfig(**{name: -0.1})
+        assert getattr(PPOConfig(**{name: float("inf")}), name) == float("inf")  # no clip on that side
