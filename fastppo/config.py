@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
+KL_LOSS_TYPES = ("k1", "k2", "k3")
 BACKENDS = ("auto", "torch", "triton")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_CORRECTIONS = (None, "tis")
@@ -113,6 +114,10 @@ class PPOConfig:
     """The ratio's lower clip bound is 1 − cliprange_low; None: cliprange (TRL)."""
     cliprange_high: Optional[float] = None
     """The ratio's upper clip bound is 1 + cliprange_high (DAPO's clip-higher: above cliprange_low); None: cliprange."""
+    kl_loss_coef: float = 0.0
+    """Weight of a KL(policy ‖ reference) term in the loss, as GRPO's; 0: none. With init_kl_coef also 0, no reference runs."""
+    kl_loss_type: str = "k3"
+    """The loss's per-token KL: "k1" (logp − ref), "k2" (½(logp − ref)²) or "k3" (e^(ref − logp) − (ref − logp) − 1)."""
     use_score_scaling: bool = False
     """Divide scores by their running standard deviation."""
     use_score_norm: bool = False
@@ -197,6 +202,12 @@ class PPOConfig:
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True")
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a step compares the policy with a reference: a reward KL (`init_kl_coef` > 0; the adaptive
+        controller never moves a 0) or a KL loss (`kl_loss_coef` > 0). Without either none is built or run."""
+        return self.init_kl_coef > 0 or self.kl_loss_coef > 0
+
     def to_dict(self) -> dict[str, Any]:
         """Flat dict of every field (nested dicts joined with '/'), for trackers."""
         flat: dict[str, Any] = {}
@@ -222,14 +233,14 @@ _RANGES = {
     "steps": (lambda v: v >= 0, "a non-negative integer"),
     "learning_rate": _NON_NEGATIVE, "init_kl_coef": _NON_NEGATIVE, "target": _POSITIVE, "horizon": _POSITIVE,
     "gamma": _FRACTION, "lam": _FRACTION, "cliprange": _NON_NEGATIVE, "cliprange_value": _NON_NEGATIVE,
-    "cliprange_low": _NON_NEGATIVE, "cliprange_high": _NON_NEGATIVE,
+    "cliprange_low": _NON_NEGATIVE, "cliprange_high": _NON_NEGATIVE, "kl_loss_coef": _NON_NEGATIVE,
     "vf_coef": _NON_NEGATIVE, "max_grad_norm": _POSITIVE, "target_kl": _POSITIVE, "ratio_threshold": _POSITIVE,
     "dual_clip": (lambda v: v > 1, "a number > 1"), "score_clip": _POSITIVE, "rollout_is_cap": _POSITIVE,
 }
 # Limits where +inf means "never" (no clipping, no ratio guard, no early stop), as TRL accepts them.
 _MAY_BE_INFINITE = ("cliprange", "cliprange_low", "cliprange_high", "cliprange_value", "max_grad_norm", "target_kl",
                     "ratio_threshold", "score_clip", "rollout_is_cap")
-_CHOICES = {"kl_penalty": KL_PENALTIES, "backend": BACKENDS, "rollout_engine": ROLLOUT_ENGINES,
+_CHOICES = {"kl_penalty": KL_PENALTIES, "kl_loss_type": KL_LOSS_TYPES, "backend": BACKENDS, "rollout_engine": ROLLOUT_ENGINES,
             "rollout_correction": ROLLOUT_CORRECTIONS}
 # accelerate.Accelerator arguments the trainer sets from other fields
 _ACCELERATOR_RESERVED = {"log_with": "PPOConfig.log_with", "project_config": "PPOConfig.project_kwargs",

@@ -30,3 +30,4 @@ class PPOLossOutput(NamedTuple):
     # w = min(exp(old − rollout), cap), and the share of tokens whose exp(old − rollout) exceeds the cap
     tis_weight_mean: Optional[torch.Tensor] = None
     tis_clipfrac: Optional[torch.Tensor] = None
+    kl_loss: Optional[torch.Tensor] = None  # the KL loss term (before kl_loss_coef), set by the trainer when used

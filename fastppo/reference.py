@@ -68,6 +68,25 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r} ('full' needs precomputed kl)")
 
 
+KL_LOSS_TYPES = ("k1", "k2", "k3")
+K3_LOG_RATIO_LIMIT = 20.0  # |ref − logp| beyond this is clamped in k3: e^20 ≈ 5e8 stays finite in float32
+
+
+def kl_loss_terms(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Per-token KL(π ‖ π_ref) estimates for a KL loss `[B, T]`, differentiable in `logprobs` (the reference's
+    are constants): k1 = logp − ref; k2 = ½(logp − ref)²; k3 = e^r − r − 1 with r = ref − logp clamped to
+    ±K3_LOG_RATIO_LIMIT (no gradient past the clamp). Elementwise, then one masked mean: no kernel of its own."""
+    diff = logprobs.float() - ref_logprobs.float()
+    if kl_type == "k1":
+        return diff
+    if kl_type == "k2":
+        return 0.5 * diff.square()
+    if kl_type == "k3":
+        log_ratio = (-diff).clamp(-K3_LOG_RATIO_LIMIT, K3_LOG_RATIO_LIMIT)
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"kl_type must be one of {KL_LOSS_TYPES}, got {kl_type!r}")
+
+
 def kl_penalty_rewards(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,

@@ -102,7 +102,8 @@ class PPOTrainer(TRLMethods):
         config.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)  # TRL's test of the model
         config.is_peft_model = model.is_peft_model
 
-        if ref_model is None and not self.is_peft_model:  # a PEFT policy's reference is its adapter-free base
+        ref_model = checks.drop_unneeded_reference(config, ref_model, num_shared_layers)
+        if ref_model is None and not self.is_peft_model and config.needs_reference:  # PEFT: the adapter-free base
             ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -149,7 +150,10 @@ class PPOTrainer(TRLMethods):
         return sharding.vocab_size(self.unwrapped_model.lm_head.weight)
 
     def _reference_model(self):
-        """The model the KL penalty compares with: a PEFT policy itself (run in `optional_peft_ctx`), else ref_model."""
+        """The model the KL penalty compares with: a PEFT policy itself (run in `optional_peft_ctx`), else ref_model;
+        None when nothing compares with one (`config.needs_reference` False)."""
+        if not self.config.needs_reference:
+            return None
         return self.model if self.is_peft_model else self.ref_model
 
     # ------------------------------------------------------------------ generation
@@ -201,6 +205,9 @@ class PPOTrainer(TRLMethods):
         return_prompt = return_prompt and not self.is_encoder_decoder  # (TRL: a decoder's sequence has no prompt)
         self.rollout_engine.check_kwargs(self.model, generation_kwargs)
         if generate_ref_response:
+            if self._reference_model() is None:
+                raise ValueError("generate_ref_response=True: this run has no reference model (init_kl_coef and "
+                                 "kl_loss_coef are 0)")
             self.hf_engine.check_kwargs(self._reference_model(), generation_kwargs)
 
         def sample(engine, model):
@@ -277,7 +284,7 @@ class PPOTrainer(TRLMethods):
         scores = prepare_scores(batch.scores, self.config, self.running, self.accelerator)
         self._push_if_best(scores)
 
-        with _timed(timing, "time/ppo/forward_pass", "fastppo/rollout_forward"):
+        with step_statistics.timed(timing, "time/ppo/forward_pass", "fastppo/rollout_forward"):
             padded = self._pad_batch(batch.queries, batch.responses, batch.response_masks)
             rollout = self._rollout(padded)
             engine_logprobs = None
@@ -285,19 +292,20 @@ class PPOTrainer(TRLMethods):
                 engine_logprobs = padding.place_responses(padded.attention_mask, [len(q) for q in batch.queries],
                                                           batch.rollout_logprobs,
                                                           None if padded.layout is None else padded.layout.starts)
-        with _timed(timing, "time/ppo/compute_rewards", "fastppo/rewards"):
+        with step_statistics.timed(timing, "time/ppo/compute_rewards", "fastppo/rewards"):
             kl_coef = self.kl_ctl.value
             full_kl = {} if rollout.full_kl is None else {"kl": rollout.full_kl}
             rewards, non_score_reward, kls = self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs,
                                                                   padded.mask, **full_kl)
-        with _timed(timing, "time/ppo/compute_advantages", "fastppo/advantages"):
+        with step_statistics.timed(timing, "time/ppo/compute_advantages", "fastppo/advantages"):
             values, advantages, returns = self.compute_advantages(rollout.values, rewards, padded.mask)
-        with _timed(timing, "time/ppo/optimize_step", "fastppo/optimize"):
+        with step_statistics.timed(timing, "time/ppo/optimize_step", "fastppo/optimize"):
             self.rollout_engine.weights_changed()  # from here on the policy may move
             experience = Experience(padded.input_ids, padded.attention_mask, padded.mask, old_logprobs=rollout.logprobs,
                                     old_values=values, advantages=advantages, returns=returns,
                                     rollout_logprobs=engine_logprobs if self.config.rollout_correction == "tis"
                                     else None, layout=padded.layout, encoder_input_ids=padded.encoder_input_ids,
+                                    ref_logprobs=rollout.ref_logprobs if self.config.kl_loss_coef > 0 else None,
                                     encoder_attention_mask=padded.encoder_attention_mask)
             train_stats, optimisation = self.ppo_epochs.run(experience)
         if optimisation["fastppo/skipped_nonfinite"] and not optimisation["fastppo/optimizer_steps"]:
@@ -306,7 +314,7 @@ class PPOTrainer(TRLMethods):
                 ("reference log-probs", rollout.ref_logprobs), ("rewards", rewards), ("advantages", advantages)],
                 padded.mask))
 
-        with _timed(timing, "time/ppo/calc_stats", "fastppo/stats"):
+        with step_statistics.timed(timing, "time/ppo/calc_stats", "fastppo/stats"):
             overridden = type(self).record_step_stats is not TRLMethods.record_step_stats
             record = (lambda coef, data: self.record_step_stats(coef, **data)) if overridden else self._step_stats
             stats = record(kl_coef, dict(
@@ -377,9 +385,11 @@ class PPOTrainer(TRLMethods):
         for rows in plan.rollout_slices(padded.attention_mask, None if layout is None else layout.lengths):
             batch = plan.prepare(padded.input_ids[rows], padded.attention_mask[rows], padded.mask[rows],
                                  layout=None if layout is None else layout.select(rows), encoder=padded.encoder(rows))
-            policy = plan.forward(self.model, batch)
-            with self.optional_peft_ctx():
-                reference = plan.forward(self._reference_model(), batch)
+            policy, reference = plan.forward(self.model, batch), None
+            if self._reference_model() is not None:  # (without one, the policy is its own reference: KL 0)
+                with self.optional_peft_ctx():
+                    reference = plan.forward(self._reference_model(), batch)
+            reference = policy if reference is None else reference
             parts["logprobs"].append(policy.logprobs)
             parts["ref_logprobs"].append(reference.logprobs)
             parts["values"].append(policy.values.float())
@@ -432,13 +442,3 @@ class PPOTrainer(TRLMethods):
         self.running.load_state_dict(running)
         self.current_step = current_step
         self.highest_reward, self._compare_step = highest_reward, compare_step
-
-
-@contextlib.contextmanager
-def _timed(timing: dict, key: str, profiler_range: str):
-    """`timing[key]`: the wall-clock seconds the block took; the block is also a torch.profiler range
-    (`bench/tools/profile_step.py` reads them)."""
-    start = time.time()
-    with record_function(profiler_range):
-        yield
-    timing[key] = time.time() - start

@@ -107,6 +107,18 @@ def check_environment(config, accelerator, model, ref_model, num_shared_layers, 
                          f"this run has {processes} processes (not supported yet)")
 
 
+def drop_unneeded_reference(config, ref_model, num_shared_layers):
+    """`ref_model`, or None when no step compares with a reference (`config.needs_reference` False: init_kl_coef and
+    kl_loss_coef 0), with a warning if one was given (it would never run) or layers were to be shared with it."""
+    if config.needs_reference:
+        return ref_model
+    if ref_model is not None or num_shared_layers is not None:
+        warnings.warn("init_kl_coef and kl_loss_coef are 0, so no step compares the policy with a reference: "
+                      f"{'the ref_model given' if ref_model is not None else 'num_shared_layers'} is not used, and "
+                      "objective/kl is 0")
+    return None
+
+
 def _check_encoder_decoder(config, accelerator, model, ref_model, head_mode: str) -> None:
     """An encoder-decoder policy trains on TRL's path (padded rows, full logits, HF generate, one process or DDP);
     refuse what fastppo adds there and has not made or tested for such models, naming the setting."""

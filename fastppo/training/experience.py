@@ -78,6 +78,7 @@ class Experience:
     returns: torch.Tensor
     rollout_logprobs: Optional[torch.Tensor] = None
     layout: Optional[RowLayout] = None  # where each row's tokens are, on the host (None: unknown)
+    ref_logprobs: Optional[torch.Tensor] = None  # the reference's, for a KL loss (PPOConfig.kl_loss_coef > 0)
     encoder_input_ids: Optional[torch.Tensor] = None  # [B, Lq], encoder-decoder models only
     encoder_attention_mask: Optional[torch.Tensor] = None
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from .. import ops, sharding
+from .. import ops, reference, sharding
 from ..op_outputs import PPOLossOutput
 from . import microbatch, step_guard
 from . import stats as step_statistics
@@ -50,7 +50,8 @@ def ratio_spikes(ratio_mean: torch.Tensor, threshold: float) -> torch.Tensor:
 def zero_losses(out: PPOLossOutput, skip: torch.Tensor) -> PPOLossOutput:
     """`out` with loss, pg_loss and vf_loss zeroed where `skip` (0-d bool) is set."""
     keep = (~skip).float()
-    return out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep)
+    kl_loss = None if out.kl_loss is None else out.kl_loss * keep
+    return out._replace(loss=out.loss * keep, pg_loss=out.pg_loss * keep, vf_loss=out.vf_loss * keep, kl_loss=kl_loss)
 
 
 class PPOEpochs:
@@ -146,6 +147,10 @@ class PPOEpochs:
         logprobs, entropy, values, _ = self.plan.forward(self.model, batch, return_entropy=True)
         out = ppo_loss_for(self.config, logprobs, experience.old_logprobs, values.float(), experience.old_values,
                        experience.advantages, experience.returns, experience.mask, experience.rollout_logprobs)
+        if experience.ref_logprobs is not None:  # GRPO's KL loss, a token mean as the policy loss
+            kl = ops.masked_mean(reference.kl_loss_terms(logprobs, experience.ref_logprobs, self.config.kl_loss_type),
+                                 experience.mask)
+            out = out._replace(loss=out.loss + self.config.kl_loss_coef * kl, kl_loss=kl)
         return out, entropy, step_guard.output_flags(logprobs, values, experience.mask, out.loss)
 
     def apply(self, loss: torch.Tensor, flags: torch.Tensor) -> None:

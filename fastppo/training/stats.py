@@ -8,11 +8,15 @@ instead of taking `ppo/`). Scalars come back as Python floats, distributions as 
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import warnings
 from typing import Optional
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from .. import ops, sharding
 from ..op_outputs import PPOLossOutput
@@ -49,6 +53,8 @@ def minibatch_stats(
         "val/mean": ops.masked_mean(old_values, mask),
         "val/var": ops.masked_var(old_values, mask),
     }
+    if out.kl_loss is not None:  # PPOConfig.kl_loss_coef > 0 (ppo/loss/total stays TRL's: pg + vf_coef·vf)
+        stats["fastppo/loss/kl"] = out.kl_loss.detach()
     if out.tis_weight_mean is not None:  # rollout_correction="tis"
         stats["fastppo/policy/tis_weight_mean"] = out.tis_weight_mean
         stats["fastppo/policy/tis_clipfrac"] = out.tis_clipfrac
@@ -173,3 +179,12 @@ def reduce_across_processes(stats: dict, accelerator) -> dict:
                                               "max" if key in MAX_KEYS else "mean")
     return reduced
 
+
+@contextlib.contextmanager
+def timed(timing: dict, key: str, profiler_range: str):
+    """`timing[key]`: the wall-clock seconds the block took; the block is also a torch.profiler range
+    (`bench/tools/profile_step.py` reads them)."""
+    start = time.time()
+    with record_function(profiler_range):
+        yield
+    timing[key] = time.time() - start

@@ -31,7 +31,8 @@ def _train(model_dir, tokenizer, backend, **config_kwargs):
     dict(kl_penalty="k3", gamma=0.9, lam=0.8, max_grad_norm=0.5),
     dict(dual_clip=1.01, learning_rate=3e-3),  # a larger step: second-epoch ratios pass 1.01
     dict(cliprange_low=0.01, cliprange_high=0.03, learning_rate=3e-3),  # clip-higher, both bounds reached
-], ids=["default", "full-whiten", "k3-clip", "dual-clip", "clip-higher"])
+    dict(kl_loss_coef=0.5, init_kl_coef=0.0),  # GRPO's KL loss instead of the reward KL
+], ids=["default", "full-whiten", "k3-clip", "dual-clip", "clip-higher", "kl-loss"])
 def test_trainer_matches_between_backends(gpt2_dir, tokenizer, config_kwargs):
     assert ops.resolve_backend("triton", DEVICE) == "triton"  # the trainer's device: a GPU when there is one
     torch_trainer, torch_stats = _train(gpt2_dir, tokenizer, "torch", **config_kwargs)
