@@ -17,6 +17,9 @@ from typing import Any, Optional
 
 KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
 KL_LOSS_TYPES = ("k1", "k2", "k3")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")  # each response against the others of its group
+SCALE_REWARDS = ("group", "batch", "none")
 BACKENDS = ("auto", "torch", "triton")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_CORRECTIONS = (None, "tis")
@@ -118,6 +121,12 @@ class PPOConfig:
     """Weight of a KL(policy ‖ reference) term in the loss, as GRPO's; 0: none. With init_kl_coef also 0, no reference runs."""
     kl_loss_type: str = "k3"
     """The loss's per-token KL: "k1" (logp − ref), "k2" (½(logp − ref)²) or "k3" (e^(ref − logp) − (ref − logp) − 1)."""
+    advantage_estimator: str = "gae"
+    """Advantages from "gae" (the critic, TRL's) or critic-free: "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"."""
+    group_size: int = 1
+    """Responses per query: consecutive rows of `step`'s batch, each query repeated (generate's num_return_sequences)."""
+    scale_rewards: str = "group"
+    """GRPO's divisor of the centred rewards: the std of the "group", of the "batch", or "none" (Dr. GRPO)."""
     use_score_scaling: bool = False
     """Divide scores by their running standard deviation."""
     use_score_norm: bool = False
@@ -189,6 +198,12 @@ class PPOConfig:
                 raise ValueError("PPOConfig.push_to_hub_if_best_kwargs must name the repository: add 'repo_id' "
                                  f"(a non-empty string), got {repo_id!r}")
         _check_accelerate_arguments(self)
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.group_size < 2:
+            raise ValueError(f"PPOConfig.advantage_estimator={self.advantage_estimator!r} compares each response with "
+                             f"the others of its group: set group_size >= 2, got {self.group_size}")
+        if self.batch_size % self.group_size:
+            raise ValueError(f"PPOConfig.batch_size={self.batch_size} is not a whole number of groups of "
+                             f"group_size={self.group_size}")
         if self.fused_lm_head and self.kl_penalty == "full":
             raise ValueError("PPOConfig.fused_lm_head=True cannot compute kl_penalty='full' (it needs full logits); "
                              "use response_only_logits=True instead")
@@ -201,6 +216,11 @@ class PPOConfig:
                              "engine: set rollout_engine='vllm', or drop vllm_kwargs")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True")
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether advantages come from the value head (GAE); the critic-free estimators neither run nor train it."""
+        return self.advantage_estimator == "gae"
 
     @property
     def needs_reference(self) -> bool:
@@ -240,8 +260,9 @@ _RANGES = {
 # Limits where +inf means "never" (no clipping, no ratio guard, no early stop), as TRL accepts them.
 _MAY_BE_INFINITE = ("cliprange", "cliprange_low", "cliprange_high", "cliprange_value", "max_grad_norm", "target_kl",
                     "ratio_threshold", "score_clip", "rollout_is_cap")
-_CHOICES = {"kl_penalty": KL_PENALTIES, "kl_loss_type": KL_LOSS_TYPES, "backend": BACKENDS, "rollout_engine": ROLLOUT_ENGINES,
-            "rollout_correction": ROLLOUT_CORRECTIONS}
+_CHOICES = {"kl_penalty": KL_PENALTIES, "kl_loss_type": KL_LOSS_TYPES, "advantage_estimator": ADVANTAGE_ESTIMATORS,
+            "scale_rewards": SCALE_REWARDS, "backend": BACKENDS,
+            "rollout_engine": ROLLOUT_ENGINES, "rollout_correction": ROLLOUT_CORRECTIONS}
 # accelerate.Accelerator arguments the trainer sets from other fields
 _ACCELERATOR_RESERVED = {"log_with": "PPOConfig.log_with", "project_config": "PPOConfig.project_kwargs",
                          "gradient_accumulation_steps": "PPOConfig.gradient_accumulation_steps"}

@@ -33,7 +33,7 @@ from .models import heads
 from .models.value_head import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
 from .rollout import build_engines
 from .rollout.outputs import draw_lengths, list_output, single_output
-from .training import checks, inputs, padding, step_guard
+from .training import checks, estimators, inputs, padding, step_guard
 from .training import stats as step_statistics
 from .training.controllers import AdaptiveKLController, FixedKLController, RunningMoments, prepare_scores
 from .training.experience import Experience, PaddedBatch, Rollout, RowLayout
@@ -105,6 +105,8 @@ class PPOTrainer(TRLMethods):
         ref_model = checks.drop_unneeded_reference(config, ref_model, num_shared_layers)
         if ref_model is None and not self.is_peft_model and config.needs_reference:  # PEFT: the adapter-free base
             ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
+        if not config.uses_critic:  # critic-free: the value head is neither run nor trained (nor held by Adam)
+            model.v_head.requires_grad_(False)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             disable_dropout(model)  # the training forward then runs in train mode (see training.ppo_epochs)
@@ -257,7 +259,8 @@ class PPOTrainer(TRLMethods):
                                                  self.vocab_size, self.current_device, rollout_logprobs,
                                                  max_length=checks.max_positions(self.unwrapped_model),
                                                  rollout_correction=self.config.rollout_correction,
-                                                 encoder_decoder=self.is_encoder_decoder)
+                                                 encoder_decoder=self.is_encoder_decoder,
+                                                 group_size=self.config.group_size)
             with self._restored_on_error():
                 return self._step(batch)
 
@@ -298,7 +301,12 @@ class PPOTrainer(TRLMethods):
             rewards, non_score_reward, kls = self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs,
                                                                   padded.mask, **full_kl)
         with step_statistics.timed(timing, "time/ppo/compute_advantages", "fastppo/advantages"):
-            values, advantages, returns = self.compute_advantages(rollout.values, rewards, padded.mask)
+            group_stats = {}
+            if self.config.uses_critic:
+                values, advantages, returns = self.compute_advantages(rollout.values, rewards, padded.mask)
+            else:  # no values: the loss gets zeros for them and the returns
+                advantages, group_stats = estimators.advantages(self.config, rewards, padded.mask)
+                values = returns = torch.zeros_like(advantages)
         with step_statistics.timed(timing, "time/ppo/optimize_step", "fastppo/optimize"):
             self.rollout_engine.weights_changed()  # from here on the policy may move
             experience = Experience(padded.input_ids, padded.attention_mask, padded.mask, old_logprobs=rollout.logprobs,
@@ -322,6 +330,7 @@ class PPOTrainer(TRLMethods):
                 non_score_reward=non_score_reward, train_stats=train_stats, kls=kls, masks=padded.mask,
                 queries=batch.queries, responses=batch.responses,
             ))
+            stats.update(group_stats)
             if engine_logprobs is not None:
                 stats.update(step_statistics.rollout_mismatch_stats(rollout.logprobs, engine_logprobs, padded.mask))
             if self.is_distributed:

@@ -88,7 +88,8 @@ def choose_form(model, unwrapped, vocab_size: int, device: torch.device, float32
     unwrapped.eval()
 
     def logits(mask, **kwargs):
-        return model(input_ids=ids, use_cache=False, **(kwargs or {"attention_mask": mask}))[0].float()
+        return model(input_ids=ids, use_cache=False, return_values=False,  # logits only: the value head stays idle
+                     **(kwargs or {"attention_mask": mask}))[0].float()
 
     def same(got, want, where):
         tolerance = (1e-5 if float32 else 2e-2) * (1.0 + float(want[where].abs().max()))

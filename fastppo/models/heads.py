@@ -45,7 +45,7 @@ def check_plain_lm_head(model: AutoModelForCausalLMWithValueHead) -> None:
 class TokenOutputs(NamedTuple):
     logprobs: torch.Tensor  # [b, L-1] float32, log-prob of token t+1 at position t
     entropy: Optional[torch.Tensor]  # [b, L-1] or None
-    values: torch.Tensor  # [b, L-1]
+    values: Optional[torch.Tensor]  # [b, L-1]; None when the model was called with return_values=False
     logits: Optional[torch.Tensor]  # "full": [b, L-1, V] view; "response": [n, V]; "fused": None
 
 
@@ -90,7 +90,7 @@ def token_outputs(
         out = ops.logprobs_from_logits(logits, labels, return_entropy=return_entropy, backend=backend,
                                        inplace_backward=not keep_logits)
         logprobs, entropy = out if return_entropy else (out, None)
-        return TokenOutputs(logprobs, entropy, values[:, :-1], logits)
+        return TokenOutputs(logprobs, entropy, None if values is None else values[:, :-1], logits)
 
     hidden, _, values = model(input_ids=input_ids, output="hidden", **model_kwargs)
     if response_positions is None:
@@ -110,7 +110,7 @@ def token_outputs(
                                        inplace_backward=True)
     logprobs, entropy = out if return_entropy else (out, None)
     return TokenOutputs(_scatter(logprobs, positions, mask), _scatter(entropy, positions, mask) if return_entropy
-                        else None, values[:, :-1], logits)
+                        else None, None if values is None else values[:, :-1], logits)
 
 
 def full_kl(policy: TokenOutputs, reference: TokenOutputs, mask: torch.Tensor, backend: str,

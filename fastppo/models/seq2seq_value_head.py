@@ -53,18 +53,20 @@ class AutoModelForSeq2SeqLMWithValueHead(AutoModelForCausalLMWithValueHead):
         return_past_key_values: bool = False,
         upcast_logits: bool = True,
         output: str = "logits",
+        return_values: bool = True,
         **kwargs,
     ):
         """Encoder `input_ids`/`attention_mask`, decoder inputs in `kwargs` (`decoder_input_ids`,
         `decoder_attention_mask`): returns `(lm_logits, loss, value)` over the decoder's positions, logits
-        upcast to float32 unless `upcast_logits=False` (fastppo's trainer reads bf16 logits once instead)."""
+        upcast to float32 unless `upcast_logits=False` (fastppo's trainer reads bf16 logits once instead); value None
+        with `return_values=False`."""
         if output != "logits":  # the hidden-state path feeds heads that assume logits = lm_head(hidden)
             raise ValueError(f"output must be 'logits' for an encoder-decoder model, got {output!r}")
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
         out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                                     **kwargs)
-        value = self.v_head(out.decoder_hidden_states[-1].to(self.v_head.summary.weight.device)).squeeze(-1)
+        value = self._values(out.decoder_hidden_states[-1]) if return_values else None
         logits = out.logits
         if upcast_logits and logits.dtype != torch.float32:
             logits = logits.float()

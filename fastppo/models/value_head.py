@@ -153,9 +153,11 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         return_past_key_values: bool = False,
         upcast_logits: bool = True,
         output: str = "logits",
+        return_values: bool = True,
         **kwargs,
     ):
-        """Run the LM and the value head: returns `(lm_logits [B, T, V], loss, value [B, T])`.
+        """Run the LM and the value head: returns `(lm_logits [B, T, V], loss, value [B, T])`; with
+        `return_values=False` the value head does not run and `value` is None (critic-free training).
 
         Logits are upcast to float32 (TRL's behaviour) unless `upcast_logits=False`, which
         fastppo's trainer uses so that bf16 logits are read once by the log-prob op instead.
@@ -164,22 +166,23 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         """
         if output == "hidden":
             hidden = self._last_hidden_state(input_ids, attention_mask, **kwargs)
-            value = self.v_head(hidden.to(self.v_head.summary.weight.device)).squeeze(-1)
-            return hidden, None, value
+            return hidden, None, self._values(hidden) if return_values else None
         if output != "logits":
             raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         kwargs["output_hidden_states"] = True
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
         output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        last_hidden = output.hidden_states[-1]
-        value = self.v_head(last_hidden.to(self.v_head.summary.weight.device)).squeeze(-1)
+        value = self._values(output.hidden_states[-1]) if return_values else None
         logits = output.logits
         if upcast_logits and logits.dtype != torch.float32:
             logits = logits.float()
         if return_past_key_values:
             return logits, output.loss, value, output.past_key_values
         return logits, output.loss, value
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.v_head(hidden.to(self.v_head.summary.weight.device)).squeeze(-1)
 
     def _last_hidden_state(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         # the backbone alone: the LM head's input, without computing the logits

@@ -68,6 +68,7 @@ class ForwardPlan:
         self.padding_free = config.padding_free
         self.token_budget = config.max_tokens_per_microbatch
         self.rollout_rows = config.rollout_batch_size or config.mini_batch_size
+        self.critic = config.uses_critic  # critic-free estimators never run the value head
         self.optimize_device_cache = config.optimize_device_cache
         self._mask_forms = {}  # id(unwrapped model) → the attention-mask forms it takes (attention_masks)
         self.packed_attention = {}  # "the policy"/"the reference" → the attention its packed passes run
@@ -138,7 +139,7 @@ class ForwardPlan:
     def forward(self, model, batch: Pass, return_entropy: bool = False,
                 keep_logits: bool = False) -> heads.TokenOutputs:
         """Run `model` (possibly accelerate-wrapped) on the pass: log-probs, entropies (if asked) and values
-        on the rows' `[b, L-1]` grid; `logits` as the LM-head path computed them, at the pass's positions.
+        (zeros without a critic: its value head is not run) on the rows' `[b, L-1]` grid; `logits` as the LM-head path computed them, at the pass's positions.
         `keep_logits`: the full `[b, L-1, V]` logits as TRL's model returns them, whatever the configured path."""
         unwrapped = sharding.unwrap(self.accelerator, model)
         if batch.encoder is not None:  # the model's own masks: the forms below are probed on causal LMs
@@ -152,9 +153,10 @@ class ForwardPlan:
         out = heads.token_outputs(model, unwrapped, batch.input_ids, batch.mask,
                                   "full" if keep_logits else self.head_mode, self.backend,
                                   return_entropy=return_entropy, keep_logits=keep_logits,
-                                  response_positions=batch.response, **kwargs)
-        return heads.TokenOutputs(batch.to_grid(out.logprobs), batch.to_grid(out.entropy), batch.to_grid(out.values),
-                                  out.logits)
+                                  response_positions=batch.response, return_values=self.critic, **kwargs)
+        logprobs = batch.to_grid(out.logprobs)
+        values = batch.to_grid(out.values) if out.values is not None else torch.zeros_like(logprobs)  # no critic
+        return heads.TokenOutputs(logprobs, batch.to_grid(out.entropy), values, out.logits)
 
     def full_kl(self, batch: Pass, policy: heads.TokenOutputs, reference: heads.TokenOutputs) -> torch.Tensor:
         """The exact per-position KL of two outputs of this pass, on the grid `[b, L-1]`."""

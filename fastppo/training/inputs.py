@@ -256,12 +256,39 @@ def _check_decoder_rows(queries: list, responses: list, max_length: Optional[int
         raise ValueError("rollout_logprobs: not supported for encoder-decoder models")
 
 
+def _group_message(row: int, first: int, group_size: int) -> str:
+    return (f"queries[{row}] differs from queries[{first}]: with group_size={group_size} each {group_size} consecutive "
+            f"rows are one group and share one query (pass each query {group_size} times, as "
+            f"generate(..., num_return_sequences={group_size}) returns its responses)")
+
+
+def _group_mismatch(queries: list, group_size: int) -> torch.Tensor:
+    """Whether a row's query differs from its group's first (0-d bool, not read); lengths are compared here."""
+    firsts = range(0, len(queries), group_size)
+    for first in firsts:
+        for row in range(first + 1, first + group_size):
+            if len(queries[row]) != len(queries[first]):
+                raise ValueError(_group_message(row, first, group_size))
+    expected = torch.cat([queries[first] for first in firsts for _ in range(group_size)])
+    return (torch.cat(queries) != expected).any()
+
+
+def _check_groups(queries: list, group_size: int, known_bad: bool) -> None:
+    if known_bad:
+        for row, query in enumerate(queries):
+            first = row - row % group_size
+            if not torch.equal(query, queries[first]):
+                raise ValueError(_group_message(row, first, group_size))
+
+
 def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
                       device: torch.device, rollout_logprobs=None, max_length: Optional[int] = None,
-                      rollout_correction: Optional[str] = None, encoder_decoder: bool = False) -> StepInputs:
+                      rollout_correction: Optional[str] = None, encoder_decoder: bool = False,
+                      group_size: int = 1) -> StepInputs:
     """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`
     (`encoder_decoder`: each query and each response, which must hold the decoder's start token and two more);
-    `rollout_logprobs` required by a `rollout_correction`. The values (ids in the vocabulary, finite scores,
+    `rollout_logprobs` required by a `rollout_correction`; with `group_size` > 1 each group of that many consecutive
+    rows shares one query. The values (ids in the vocabulary, finite scores,
     0/1 masks, log-probs ≤ 0) are checked on the device and read back together: one host read, after which
     only a bad batch pays for the messages that name the culprit."""
     queries = check_token_list("queries", queries, None, device, batch_size)
@@ -281,7 +308,10 @@ def check_step_inputs(queries, responses, scores, response_masks, batch_size: in
              ~torch.isfinite(scores).all()]
     flags += [bad_response_masks(masks)] if masks is not None else []
     flags += [bad_rollout_logprobs(rollout_logprobs)] if rollout_logprobs is not None else []
+    flags += [_group_mismatch(queries, group_size)] if group_size > 1 else []
     bad = torch.stack(flags).tolist()  # the one read
+    if group_size > 1:
+        _check_groups(queries, group_size, bad.pop())
     _check_vocabulary([f"queries[{i}]" for i in range(len(queries))], queries, vocab_size, bad[0])
     _check_vocabulary([f"responses[{i}]" for i in range(len(responses))], responses, vocab_size, bad[1])
     _check_finite_scores(scores, bad[2])

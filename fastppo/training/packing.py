@@ -108,8 +108,9 @@ def check_model_packs(model, unwrapped, vocab_size: int, device: torch.device, n
     was_training = unwrapped.training  # not the wrapper's: a DeepSpeed engine's does not follow train()/eval()
     unwrapped.eval()
     try:
-        apart = [model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)[0] for ids in (first, second)]
-        together = model(input_ids=packed.input_ids, **call_kwargs(packed, unwrapped.causal_lm))[0]
+        apart = [model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, return_values=False)[0]
+                 for ids in (first, second)]
+        together = model(input_ids=packed.input_ids, return_values=False, **call_kwargs(packed, unwrapped.causal_lm))[0]
     finally:
         unwrapped.train(was_training)
     expected = torch.cat(apart, dim=1).float()

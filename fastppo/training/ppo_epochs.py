@@ -29,8 +29,9 @@ from .forward_plan import ForwardPlan
 def ppo_loss_for(config, logprobs, old_logprobs, values, old_values, advantages, returns, mask,
                  rollout_logprobs=None) -> PPOLossOutput:
     """`ops.ppo_loss` with the config's clip ranges, value coefficient, dual clip, TIS cap and backend (`[b, T]`)."""
+    vf_coef = config.vf_coef if config.uses_critic else 0.0  # critic-free: values and returns are 0, no value loss
     return ops.ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, ratio_clip(config),
-                        config.cliprange_value, config.vf_coef, backend=config.backend, dual_clip=config.dual_clip,
+                        config.cliprange_value, vf_coef, backend=config.backend, dual_clip=config.dual_clip,
                         rollout_logprobs=rollout_logprobs, rollout_is_cap=config.rollout_is_cap)
 
 
@@ -137,7 +138,8 @@ class PPOEpochs:
                 self.guard.optimizer_step(flags, index)
         with torch.no_grad():
             stats = step_statistics.minibatch_stats(out, entropy, experience.advantages, experience.returns,
-                                                    experience.old_values, experience.mask, config.vf_coef)
+                                                    experience.old_values, experience.mask, config.vf_coef,
+                                                    config.uses_critic)
         return stats, skip
 
     def loss(self, experience: Experience) -> tuple:

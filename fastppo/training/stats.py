@@ -30,6 +30,7 @@ def minibatch_stats(
     old_values: torch.Tensor,
     mask: torch.Tensor,
     vf_coef: float,
+    critic: bool = True,
 ) -> dict:
     """One mini-batch's statistics (tensors, still on device; TRL's keys without the `ppo/` prefix, and
     fastppo's own under `fastppo/`)."""
@@ -53,6 +54,8 @@ def minibatch_stats(
         "val/mean": ops.masked_mean(old_values, mask),
         "val/var": ops.masked_var(old_values, mask),
     }
+    if not critic:  # critic-free: no values, no returns to report (ppo/loss/value stays, 0)
+        stats = {k: v for k, v in stats.items() if not k.startswith(("val/", "returns/"))}
     if out.kl_loss is not None:  # PPOConfig.kl_loss_coef > 0 (ppo/loss/total stays TRL's: pg + vf_coef·vf)
         stats["fastppo/loss/kl"] = out.kl_loss.detach()
     if out.tis_weight_mean is not None:  # rollout_correction="tis"
@@ -111,7 +114,8 @@ def step_stats(
         stats[f"tokens/{name}_dist"] = lengths
     for key, value in train_stats.items():
         stats[key if key.startswith("fastppo/") else f"ppo/{key}"] = value
-    stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
+    if "ppo/val/error" in stats:  # (not critic-free)
+        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
     return stats
 
 
