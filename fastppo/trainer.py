@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 
 from . import checkpointing, sharding
 from .config import PPOConfig
-from .models import heads
+from .models import heads, policy
 from .models.value_head import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
 from .rollout import build_engines
 from .rollout.outputs import draw_lengths, list_output, single_output
@@ -47,7 +47,8 @@ class PPOTrainer(TRLMethods):
 
     Args:
         config: a `PPOConfig`.
-        model: the policy, an `AutoModelForCausalLMWithValueHead`.
+        model: the policy, an `AutoModelForCausalLMWithValueHead`; with a critic-free `advantage_estimator` also a
+            plain transformers causal LM (or a PEFT model of one), trained and saved as it is.
         ref_model: the frozen reference; None makes a frozen copy of `model` (for a PEFT
             model, the base with adapters disabled is used instead, without a copy).
         tokenizer: a transformers tokenizer; `generate` of a list and `step` need its pad token
@@ -82,6 +83,7 @@ class PPOTrainer(TRLMethods):
         lr_scheduler=None,
         training_data_collator: Optional[Callable] = None,
     ):
+        model, ref_model = policy.wrap_plain_models(config, model, ref_model)  # critic-free: a causal LM as it is
         checks.check_constructor_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler)
         self.config, self.tokenizer, self.data_collator = config, tokenizer, training_data_collator
         self._warn_unreached_overrides()
@@ -105,8 +107,8 @@ class PPOTrainer(TRLMethods):
         ref_model = checks.drop_unneeded_reference(config, ref_model, num_shared_layers)
         if ref_model is None and not self.is_peft_model and config.needs_reference:  # PEFT: the adapter-free base
             ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
-        if not config.uses_critic:  # critic-free: the value head is neither run nor trained (nor held by Adam)
-            model.v_head.requires_grad_(False)
+        if not config.uses_critic and model.v_head is not None:  # critic-free: the value head is neither run nor
+            model.v_head.requires_grad_(False)  # trained (nor held by Adam)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             disable_dropout(model)  # the training forward then runs in train mode (see training.ppo_epochs)

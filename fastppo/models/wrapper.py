@@ -329,7 +329,7 @@ class PreTrainedModelWrapper(nn.Module):
             state_dict = self.state_dict()
         if not self.is_peft_model:
             return self.pretrained_model.save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        if kwargs.get("is_main_process", True):
+        if kwargs.get("is_main_process", True) and self.supported_modules:  # (a CausalLMPolicy has none)
             markers = tuple(f"{module}." for module in self.supported_modules)
             checkpoint_files.save_module_state({k: v for k, v in state_dict.items() if any(m in k for m in markers)},
                                                save_directory)

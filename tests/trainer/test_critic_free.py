@@ -129,3 +129,46 @@ def test_a_group_must_share_its_query(gpt2_dir, tokenizer):
 def test_bad_estimator_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PPOConfig(batch_size=4, mini_batch_size=2, **kwargs)
+
+
+def test_a_plain_causal_lm_trains_and_saves_as_itself(gpt2_dir, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, advantage_estimator="grpo",
+                                   group_size=2), lm, None, tokenizer)
+    assert trainer.unwrapped_model.pretrained_model is lm and trainer.unwrapped_model.v_head is None
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    stats = trainer.step(*_grouped_batch(tokenizer))
+    assert stats["fastppo/optimizer_steps"] == 2
+    assert any(not torch.equal(before[k], v) for k, v in lm.state_dict().items())
+    responses = trainer.generate([torch.tensor([5, 6, 7])], max_new_tokens=3, do_sample=False)
+    assert len(responses) == 1
+    trainer.save_pretrained(tmp_path)
+    assert not any(key.startswith("v_head") for key in load_file(tmp_path / "model.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, lm.state_dict()[key], rtol=0, atol=0)
+
+
+def test_a_plain_causal_lm_needs_a_critic_free_estimator(gpt2_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="without a value head"):
+        PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2), AutoModelForCausalLM.from_pretrained(gpt2_dir), None,
+                   tokenizer)
+
+
+def test_a_peft_plain_causal_lm_saves_its_adapter_only(gpt2_dir, tokenizer, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    lm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_dir),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, advantage_estimator="rloo",
+                                   group_size=2, kl_loss_coef=0.1), lm, None, tokenizer)
+    stats = trainer.step(*_grouped_batch(tokenizer))
+    assert stats["fastppo/loss/kl"] == 0.0  # one mini-batch; the reference is the adapter disabled, LoRA's B = 0
+    trainer.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and not (tmp_path / "pytorch_model.bin").exists()
