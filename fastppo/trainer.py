@@ -189,12 +189,7 @@ class PPOTrainer(TRLMethods):
         tensors for a list, `[n, new]` (0 past a row's end) for a single query. Pass them to
         `step(..., rollout_logprobs=...)`.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(return_logprobs, bool):
-            raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
-        if self.is_encoder_decoder and return_logprobs:
-            raise ValueError("return_logprobs: not supported for encoder-decoder models")
+        inputs.check_generate_options(batch_size, return_logprobs, self.is_encoder_decoder)
         single = isinstance(query_tensor, torch.Tensor)
         if not single or generation_kwargs.get("num_return_sequences", 1) != 1:
             self._require_pad_token("generate")  # batched queries are left-padded, samples right-padded
@@ -303,12 +298,11 @@ class PPOTrainer(TRLMethods):
             rewards, non_score_reward, kls = self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs,
                                                                   padded.mask, **full_kl)
         with step_statistics.timed(timing, "time/ppo/compute_advantages", "fastppo/advantages"):
-            group_stats = {}
             if self.config.uses_critic:
-                values, advantages, returns = self.compute_advantages(rollout.values, rewards, padded.mask)
-            else:  # no values: the loss gets zeros for them and the returns
-                advantages, group_stats = estimators.advantages(self.config, rewards, padded.mask)
-                values = returns = torch.zeros_like(advantages)
+                (values, advantages, returns), group_stats = self.compute_advantages(rollout.values, rewards,
+                                                                                     padded.mask), {}
+            else:  # no critic: zeros for the values and returns
+                values, advantages, returns, group_stats = estimators.advantages(self.config, rewards, padded.mask)
         with step_statistics.timed(timing, "time/ppo/optimize_step", "fastppo/optimize"):
             self.rollout_engine.weights_changed()  # from here on the policy may move
             experience = Experience(padded.input_ids, padded.attention_mask, padded.mask, old_logprobs=rollout.logprobs,

@@ -16,8 +16,9 @@ from .. import reference
 
 
 def advantages(config, rewards: torch.Tensor, mask: torch.Tensor) -> tuple:
-    """`(advantages [B, T] (0 off the mask), {"fastppo/groups_zero_std": share of groups whose rewards are all
-    equal (0-d, on the device)})` for `config.advantage_estimator`."""
+    """`(values, advantages, returns, {"fastppo/groups_zero_std": share})` for `config.advantage_estimator`: all
+    `[B, T]`, the values and returns zeros (no critic), the advantages 0 off the mask; the share (0-d, on the
+    device) is that of the groups whose rewards are all equal."""
     maskf = mask.float()
     estimator, size = config.advantage_estimator, config.group_size
     row_rewards = (rewards.float() * maskf).sum(-1)
@@ -31,7 +32,8 @@ def advantages(config, rewards: torch.Tensor, mask: torch.Tensor) -> tuple:
         per_token = reference.reinforce_pp_baseline_advantages(row_rewards, mask, size)
     else:
         raise ValueError(f"advantage_estimator {estimator!r} is not critic-free")
-    return per_token, {"fastppo/groups_zero_std": _zero_std_share(row_rewards, size)}
+    zeros = torch.zeros_like(per_token)
+    return zeros, per_token, zeros, {"fastppo/groups_zero_std": _zero_std_share(row_rewards, size)}
 
 
 def _zero_std_share(row_rewards: torch.Tensor, group_size: int) -> torch.Tensor:

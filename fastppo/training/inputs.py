@@ -227,6 +227,16 @@ def check_lengths(names: str, lengths: Sequence[int], max_length: Optional[int],
                              f"{max_length} positions (its config's max_position_embeddings)")
 
 
+def check_generate_options(batch_size, return_logprobs, encoder_decoder: bool) -> None:
+    """`generate`'s `batch_size` (a positive int) and `return_logprobs` (a bool; not for encoder-decoder models)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
+    if encoder_decoder and return_logprobs:
+        raise ValueError("return_logprobs: not supported for encoder-decoder models")
+
+
 def check_generation_lengths(queries: list, single: bool, length_sampler, generation_kwargs: dict,
                              max_length: Optional[int], encoder_decoder: bool = False) -> None:
     """Each query + the most new tokens `generate` is asked for must fit the model's `max_length` positions
