@@ -36,6 +36,7 @@ Usage::
     python examples/quickstart.py --steps 40 --device cuda
     python examples/quickstart.py --model gpt2          # any causal LM (local path or hub name)
     python examples/quickstart.py --rollout-engine vllm # rollouts sampled by a colocated vLLM engine
+    python examples/quickstart.py --advantage-estimator grpo --group-size 4   # GRPO: no value head, no critic
 
 Each step's line gives the generation speed (new tokens per second of `trainer.generate`);
 the run ends with the median over steps, so the two engines can be compared side by side.
@@ -51,6 +52,7 @@ import os
 import statistics
 import random
 import re
+import resource
 import sys
 import time
 
@@ -164,6 +166,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what samples the answers (PPOConfig.rollout_engine)")
     p.add_argument("--rollout-correction", default=None, choices=["tis"],
                    help="truncated importance sampling against the engine's log-probs (vllm only)")
+    p.add_argument("--advantage-estimator", default="gae",
+                   choices=["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"],
+                   help="gae: PPO with a value head (TRL's); the others train the plain LM without a critic")
+    p.add_argument("--group-size", type=int, default=1,
+                   help="answers per prompt in a batch (the group of grpo/rloo/reinforce_pp_baseline)")
+    p.add_argument("--kl-loss-coef", type=float, default=0.0, help="weight of GRPO's KL term in the loss")
     return p.parse_args(argv)
 
 
@@ -224,12 +232,15 @@ def main(argv=None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    # The value head starts (almost) at zero: with the default nn.Linear init its per-token
-    # values are O(1) noise, larger than the reward signal, and early advantages are mostly noise.
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(
-        model_path, v_head_init_strategy="normal", v_head_initializer_range=args.v_head_init_range
-    )
-    ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(model_path)
+    if args.advantage_estimator == "gae":
+        # The value head starts (almost) at zero: with the default nn.Linear init its per-token
+        # values are O(1) noise, larger than the reward signal, and early advantages are mostly noise.
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(
+            model_path, v_head_init_strategy="normal", v_head_initializer_range=args.v_head_init_range
+        )
+        ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(model_path)
+    else:  # critic-free: the plain causal LM, no value head (the trainer copies it for the reference)
+        model, ref_model = AutoModelForCausalLM.from_pretrained(model_path), None
 
     # 2. PPO trainer (TRL-classic config names) ------------------------------------------
     config = PPOConfig(
@@ -247,6 +258,9 @@ def main(argv=None) -> dict:
         accelerator_kwargs={"cpu": True} if args.device == "cpu" else {},
         rollout_engine=args.rollout_engine,
         rollout_correction=args.rollout_correction,
+        advantage_estimator=args.advantage_estimator,
+        group_size=args.group_size,
+        kl_loss_coef=args.kl_loss_coef,
     )
     trainer = PPOTrainer(config, model, ref_model, tokenizer)
     device = trainer.accelerator.device if hasattr(trainer, "accelerator") else torch.device(args.device)
@@ -262,7 +276,8 @@ def main(argv=None) -> dict:
     prompts = [format_prompt(tokenizer, p) for p in PROMPTS]
     rng = random.Random(args.seed)
     print(f"PPO: {args.steps} steps x {args.batch_size} answers x {args.max_new_tokens} new tokens "
-          f"on {device}, backend={args.backend}, rollout engine {args.rollout_engine}  "
+          f"on {device}, backend={args.backend}, rollout engine {args.rollout_engine}, advantages "
+          f"{args.advantage_estimator} (group size {args.group_size})  "
           f"(setup {time.time() - t_start:.0f} s)", flush=True)
     engine_logprobs = args.rollout_engine == "vllm"  # step then reports the engine-vs-policy mismatch
 
@@ -272,7 +287,9 @@ def main(argv=None) -> dict:
     bar = tqdm(range(1, args.steps + 1), desc="PPO", unit="step", dynamic_ncols=True)
     for step in bar:
         t_step = time.time()
-        idx = [rng.randrange(len(prompts)) for _ in range(args.batch_size)]
+        # each prompt group_size times in a row: one group per prompt (of one answer each with gae)
+        idx = [i for i in (rng.randrange(len(prompts)) for _ in range(args.batch_size // args.group_size))
+               for _ in range(args.group_size)]
         query_tensors = [tokenizer.encode(prompts[i], return_tensors="pt")[0].to(device) for i in idx]
 
         generated = trainer.generate(
@@ -322,6 +339,10 @@ def main(argv=None) -> dict:
     start = sum(h["reward_mean"] for h in history[:k]) / k
     end = sum(h["reward_mean"] for h in history[-k:]) / k
     print(f"\nmean reward: first {k} steps {start:.3f}  ->  last {k} steps {end:.3f}  ({end - start:+.3f})")
+    step_seconds = statistics.median(h["seconds"] for h in history)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(f"median step {step_seconds:.1f} s; peak resident memory {peak_mib:.0f} MiB "
+          f"(advantages: {args.advantage_estimator})")
     speeds = [h["generate_tokens_per_s"] for h in history[1:]] or [history[0]["generate_tokens_per_s"]]
     print(f"generation ({args.rollout_engine}): median {statistics.median(speeds):.0f} tok/s over steps 2..{len(history)} "
           f"(step 1: {history[0]['generate_tokens_per_s']:.0f} tok/s, engine start-up included)")
@@ -335,7 +356,8 @@ def main(argv=None) -> dict:
     curve_path = os.path.join(args.output_dir, "reward_curve.png")
     plot_curve(history, curve_path)
     with open(os.path.join(args.output_dir, "history.json"), "w") as f:
-        json.dump({"args": vars(args), "history": history, "start_reward": start, "end_reward": end}, f, indent=1)
+        json.dump({"args": vars(args), "history": history, "start_reward": start, "end_reward": end,
+                   "median_step_seconds": step_seconds, "peak_rss_mib": peak_mib}, f, indent=1)
     print(f"\nreward curve: {curve_path}")
 
     model_dir = os.path.join(args.output_dir, "model")

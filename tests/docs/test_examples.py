@@ -39,6 +39,21 @@ def test_quickstart_runs_on_a_tiny_local_model(gpt2_dir, tokenizer_dir, tmp_path
     assert "AutoModelForCausalLM" in result.stdout
 
 
+def test_quickstart_runs_grpo_on_the_plain_lm(gpt2_dir, tokenizer_dir, tmp_path):
+    model_dir = checkpoint_with_tokenizer(gpt2_dir, tokenizer_dir, tmp_path / "tiny")
+    out = tmp_path / "out"
+    env = dict(os.environ, FASTPPO_BACKEND="torch")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--model", str(model_dir), "--steps", "2",
+         "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu",
+         "--output-dir", str(out), "--advantage-estimator", "grpo", "--group-size", "2", "--kl-loss-coef", "0.1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "advantages grpo (group size 2)" in result.stdout and "peak resident memory" in result.stdout
+    assert (out / "model" / "config.json").is_file()
+
+
 def test_quickstart_reward_counts_sentiment_words():
     sys.path.insert(0, str(ROOT / "examples"))
     from quickstart import sentiment_reward
