@@ -11,6 +11,15 @@ from typing import NamedTuple, Optional
 import torch
 
 
+def clip_bounds(cliprange) -> tuple:
+    """`(low, high)` floats of a loss's `cliprange`: ε → (ε, ε), the ratio clipped to [1 − ε, 1 + ε]; a pair
+    `(low, high)` → [1 − low, 1 + high] (clip-higher)."""
+    if isinstance(cliprange, (tuple, list)):
+        low, high = cliprange
+        return float(low), float(high)
+    return float(cliprange), float(cliprange)
+
+
 class PPOLossOutput(NamedTuple):
     """Losses (with gradient) and the per-mini-batch statistics step() reports (0-d float32)."""
 

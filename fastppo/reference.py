@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .op_outputs import PPOLossOutput  # the loss kernel returns the same record
+from .op_outputs import PPOLossOutput, clip_bounds  # the loss kernel returns the same record
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "full", "k3")
 
@@ -220,11 +220,6 @@ def reinforce_pp_baseline_advantages(scores: torch.Tensor, mask: torch.Tensor, g
     grouped = _groups(scores, group_size)
     centered = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)
     return masked_whiten(centered[:, None] * mask.float(), mask) * mask.float()
-
-
-def clip_bounds(cliprange) -> tuple:
-    """`(low, high)` of a `cliprange`: ε → (ε, ε); a pair as it is."""
-    return (cliprange, cliprange) if isinstance(cliprange, (int, float)) else tuple(cliprange)
 
 
 def ppo_loss(

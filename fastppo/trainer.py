@@ -381,7 +381,7 @@ class PPOTrainer(TRLMethods):
     @torch.no_grad()
     def _rollout(self, padded: PaddedBatch) -> Rollout:
         """Policy and reference forward passes over the batch, in the forward plan's groups of rows."""
-        plan, full = self.forward_plan, self.config.kl_penalty == "full"
+        plan, full, reference_model = self.forward_plan, self.config.kl_penalty == "full", self._reference_model()
         self.model.eval()
         if self.ref_model is not None:
             self.ref_model.eval()  # whatever mode it was left in: the reference's log-probs never get dropout
@@ -390,16 +390,16 @@ class PPOTrainer(TRLMethods):
         for rows in plan.rollout_slices(padded.attention_mask, None if layout is None else layout.lengths):
             batch = plan.prepare(padded.input_ids[rows], padded.attention_mask[rows], padded.mask[rows],
                                  layout=None if layout is None else layout.select(rows), encoder=padded.encoder(rows))
-            policy, reference = plan.forward(self.model, batch), None
-            if self._reference_model() is not None:  # (without one, the policy is its own reference: KL 0)
+            policy = reference = plan.forward(self.model, batch)  # without a reference the policy is its own: KL 0
+            if reference_model is not None:
                 with self.optional_peft_ctx():
-                    reference = plan.forward(self._reference_model(), batch)
-            reference = policy if reference is None else reference
+                    reference = plan.forward(reference_model, batch)
             parts["logprobs"].append(policy.logprobs)
             parts["ref_logprobs"].append(reference.logprobs)
             parts["values"].append(policy.values.float())
             if full:
-                parts["full_kl"].append(plan.full_kl(batch, policy, reference))
+                parts["full_kl"].append(plan.full_kl(batch, policy, reference) if reference_model is not None
+                                        else torch.zeros_like(policy.logprobs))
             del policy, reference
             plan.release_cache()
         return Rollout(logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]),

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastppo.op_outputs import PPOLossOutput
+from fastppo.op_outputs import PPOLossOutput, clip_bounds
 
 from . import _launch
 from ._launch import check_column_offsets, device_guard, token_tiles
@@ -297,7 +297,7 @@ class _PPOLossFunction(torch.autograd.Function):
         loss, pg_loss, vf_loss = (torch.empty((), dtype=torch.float32, device=device) for _ in range(3))
         stats = torch.empty(N_STATS, dtype=torch.float32, device=device)
         count = torch.empty((), dtype=torch.float32, device=device)
-        low, high = cliprange  # (ops.ppo_loss hands the pair)
+        low, high = cliprange  # (a pair: ppo_loss below makes it with clip_bounds)
         clip = (1.0 - low, 1.0 + high, cliprange_value)
         dual_c = float(dual_clip) if dual_clip is not None else 0.0
         modes = dict(DUAL_CLIP=dual_clip is not None, ROLLOUT_IS=rollout_logprobs is not None)
@@ -349,10 +349,6 @@ class _PPOLossFunction(torch.autograd.Function):
         return (dlogp, dv) + (None,) * 11
 
 
-def _clip_pair(cliprange) -> tuple:
-    return (float(cliprange),) * 2 if isinstance(cliprange, (int, float)) else tuple(float(c) for c in cliprange)
-
-
 def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -381,7 +377,7 @@ def ppo_loss(
     """
     loss, pg_loss, vf_loss, stats, ratio = _PPOLossFunction.apply(
         logprobs, values, old_logprobs, old_values, advantages, returns, mask,
-        _clip_pair(cliprange), float(cliprange_value), float(vf_coef), dual_clip, rollout_logprobs,
+        clip_bounds(cliprange), float(cliprange_value), float(vf_coef), dual_clip, rollout_logprobs,
         float(rollout_is_cap),
     )
     (pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error, pg_clipfrac_lower,

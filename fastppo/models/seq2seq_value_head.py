@@ -13,8 +13,6 @@ state-dict layout, loading and saving, the reference copy), so the trainer takes
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
@@ -45,34 +43,16 @@ class AutoModelForSeq2SeqLMWithValueHead(AutoModelForCausalLMWithValueHead):
                             f"{type(pretrained_model).__name__}; use AutoModelForCausalLMWithValueHead for it")
         super().__init__(pretrained_model, **kwargs)
 
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        past_key_values=None,
-        attention_mask: Optional[torch.Tensor] = None,
-        return_past_key_values: bool = False,
-        upcast_logits: bool = True,
-        output: str = "logits",
-        return_values: bool = True,
-        **kwargs,
-    ):
+    def forward(self, *args, output: str = "logits", **kwargs):
         """Encoder `input_ids`/`attention_mask`, decoder inputs in `kwargs` (`decoder_input_ids`,
-        `decoder_attention_mask`): returns `(lm_logits, loss, value)` over the decoder's positions, logits
-        upcast to float32 unless `upcast_logits=False` (fastppo's trainer reads bf16 logits once instead); value None
-        with `return_values=False`."""
+        `decoder_attention_mask`): `(lm_logits, loss, value)` over the decoder's positions, as the causal class's
+        forward (`upcast_logits`, `return_values`, `return_past_key_values`); no `output="hidden"`."""
         if output != "logits":  # the hidden-state path feeds heads that assume logits = lm_head(hidden)
             raise ValueError(f"output must be 'logits' for an encoder-decoder model, got {output!r}")
-        if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
-        out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                                    **kwargs)
-        value = self._values(out.decoder_hidden_states[-1]) if return_values else None
-        logits = out.logits
-        if upcast_logits and logits.dtype != torch.float32:
-            logits = logits.float()
-        if return_past_key_values:
-            return logits, out.loss, value, out.past_key_values
-        return logits, out.loss, value
+        return super().forward(*args, **kwargs)
+
+    def _final_hidden_state(self, output) -> torch.Tensor:
+        return output.decoder_hidden_states[-1]
 
     def compute_reward_score(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
         raise ValueError("compute_reward_score needs a causal LM with a reward adapter; encoder-decoder policies "

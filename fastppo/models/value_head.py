@@ -173,13 +173,17 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
         output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        value = self._values(output.hidden_states[-1]) if return_values else None
+        value = self._values(self._final_hidden_state(output)) if return_values else None
         logits = output.logits
         if upcast_logits and logits.dtype != torch.float32:
             logits = logits.float()
         if return_past_key_values:
             return logits, output.loss, value, output.past_key_values
         return logits, output.loss, value
+
+    def _final_hidden_state(self, output) -> torch.Tensor:
+        """The hidden state the value head reads, from the LM's output (an encoder-decoder's: the decoder's)."""
+        return output.hidden_states[-1]
 
     def _values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.v_head(hidden.to(self.v_head.summary.weight.device)).squeeze(-1)

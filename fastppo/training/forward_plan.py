@@ -187,10 +187,10 @@ class ForwardPlan:
         implementation (SDPA itself for every call but unpadded and packed passes, which it runs without a mask
         and without a host read); what packed passes will run is kept in `packed_attention`."""
         for name, model in (("the policy", policy), ("the reference", reference)):
-            if model is not None and not getattr(sharding.unwrap(self.accelerator, model), "is_encoder_decoder",
-                                                 False):  # (its passes are padded, with the model's own masks)
-                lm = sharding.unwrap(self.accelerator, model).causal_lm
-                self.packed_attention[name] = varlen_attention.install(lm)  # packed passes' kernel, or what was kept
+            unwrapped = None if model is None else sharding.unwrap(self.accelerator, model)
+            if unwrapped is not None and not getattr(unwrapped, "is_encoder_decoder", False):  # (enc-dec passes are
+                # padded, with the model's own masks); the kernel packed passes will use, or what was kept:
+                self.packed_attention[name] = varlen_attention.install(unwrapped.causal_lm)
 
     def check_models_pack(self, policy, reference, vocab_size: int) -> None:
         """With `padding_free`: refuse the policy or the reference (None: none) if its packed logits differ from its

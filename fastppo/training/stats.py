@@ -46,16 +46,17 @@ def minibatch_stats(
         "policy/advantages": torch.nan_to_num(advantages.detach().flatten(), nan=-1.0),
         "policy/advantages_mean": ops.masked_mean(advantages, mask),
         "policy/ratio": out.ratio.flatten(),
-        "returns/mean": ops.masked_mean(returns, mask),
-        "returns/var": ops.masked_var(returns, mask),
-        "val/vpred": out.vpred_mean,
-        "val/error": out.value_error,
-        "val/clipfrac": out.vf_clipfrac,
-        "val/mean": ops.masked_mean(old_values, mask),
-        "val/var": ops.masked_var(old_values, mask),
     }
-    if not critic:  # critic-free: no values, no returns to report (ppo/loss/value stays, 0)
-        stats = {k: v for k, v in stats.items() if not k.startswith(("val/", "returns/"))}
+    if critic:  # critic-free: no values, no returns to report (ppo/loss/value stays, 0)
+        stats.update({
+            "returns/mean": ops.masked_mean(returns, mask),
+            "returns/var": ops.masked_var(returns, mask),
+            "val/vpred": out.vpred_mean,
+            "val/error": out.value_error,
+            "val/clipfrac": out.vf_clipfrac,
+            "val/mean": ops.masked_mean(old_values, mask),
+            "val/var": ops.masked_var(old_values, mask),
+        })
     if out.kl_loss is not None:  # PPOConfig.kl_loss_coef > 0 (ppo/loss/total stays TRL's: pg + vf_coef·vf)
         stats["fastppo/loss/kl"] = out.kl_loss.detach()
     if out.tis_weight_mean is not None:  # rollout_correction="tis"

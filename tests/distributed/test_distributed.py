@@ -9,18 +9,23 @@ import sys
 import pytest
 
 
-@pytest.mark.slow
-def test_two_process_step_keeps_ranks_in_sync(gpt2_dir, tokenizer_dir, tmp_path):
+def _two_processes(script: str, port: int, *args) -> None:
+    """Run tests/distributed/`script` under `accelerate launch` on 2 CPU processes (gloo); it must succeed."""
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", FASTPPO_BACKEND="torch")
     env.pop("TRITON_INTERPRET", None)
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-               os.path.join(os.path.dirname(__file__), "distributed_step.py"), gpt2_dir, tokenizer_dir, str(tmp_path)]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               os.path.join(os.path.dirname(__file__), script), *map(str, args)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_process_step_keeps_ranks_in_sync(gpt2_dir, tokenizer_dir, tmp_path):
+    _two_processes("distributed_step.py", 29517, gpt2_dir, tokenizer_dir, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     # DDP averages gradients, so both ranks hold the same weights after every optimizer step
@@ -39,16 +44,7 @@ def test_two_process_step_keeps_ranks_in_sync(gpt2_dir, tokenizer_dir, tmp_path)
 
 @pytest.mark.slow
 def test_two_process_encoder_decoder_step_keeps_ranks_in_sync(tmp_path):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    if accelerate is None:
-        pytest.skip("accelerate's launcher is not installed")
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", FASTPPO_BACKEND="torch")
-    env.pop("TRITON_INTERPRET", None)
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-               os.path.join(os.path.dirname(__file__), "seq2seq_step.py"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    _two_processes("seq2seq_step.py", 29519, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 and r["optimizer_steps"] == 4 for r in ranks)
     # the ranks' rows had different widths (widened to the widest, encoder and decoder); DDP averaged the gradients

@@ -23,34 +23,32 @@ def test_long_sequence_example_runs_every_mode():
     assert all("tok/s" in line for line in lines)
 
 
-def test_quickstart_runs_on_a_tiny_local_model(gpt2_dir, tokenizer_dir, tmp_path):
+def _quickstart(gpt2_dir, tokenizer_dir, tmp_path, *flags) -> tuple:
+    """`(stdout, output dir)` of examples/quickstart.py at toy size on the tiny GPT-2 (it must succeed)."""
     model_dir = checkpoint_with_tokenizer(gpt2_dir, tokenizer_dir, tmp_path / "tiny")
     out = tmp_path / "out"
     env = dict(os.environ, FASTPPO_BACKEND="torch")
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--model", str(model_dir), "--steps", "2",
          "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu",
-         "--output-dir", str(out)],
+         "--output-dir", str(out), *flags],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, out
+
+
+def test_quickstart_runs_on_a_tiny_local_model(gpt2_dir, tokenizer_dir, tmp_path):
+    stdout, out = _quickstart(gpt2_dir, tokenizer_dir, tmp_path)
     assert (out / "reward_curve.png").is_file()
     assert (out / "model" / "config.json").is_file()
-    assert "AutoModelForCausalLM" in result.stdout
+    assert "AutoModelForCausalLM" in stdout
 
 
 def test_quickstart_runs_grpo_on_the_plain_lm(gpt2_dir, tokenizer_dir, tmp_path):
-    model_dir = checkpoint_with_tokenizer(gpt2_dir, tokenizer_dir, tmp_path / "tiny")
-    out = tmp_path / "out"
-    env = dict(os.environ, FASTPPO_BACKEND="torch")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--model", str(model_dir), "--steps", "2",
-         "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu",
-         "--output-dir", str(out), "--advantage-estimator", "grpo", "--group-size", "2", "--kl-loss-coef", "0.1"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "advantages grpo (group size 2)" in result.stdout and "peak resident memory" in result.stdout
+    stdout, out = _quickstart(gpt2_dir, tokenizer_dir, tmp_path, "--advantage-estimator", "grpo", "--group-size", "2",
+                              "--kl-loss-coef", "0.1")
+    assert "advantages grpo (group size 2)" in stdout and "peak resident memory" in stdout
     assert (out / "model" / "config.json").is_file()
 
 
