@@ -25,8 +25,8 @@ from collections import defaultdict
 
 PROVIDER_ORDER = ("eager", "reference", "compile", "fastppo", "fastppo-inplace", "liger", "torch", "triton",
                   "triton-fused", "padded", "padding-free", "padding-free+budget")
-OP_ORDER = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd", "linear_logprobs",
-            "step", "step_longest", "ragged")
+OP_ORDER = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd",
+            "ppo_loss_gspo_fwd_bwd", "linear_logprobs", "step", "step_longest", "ragged")
 OP_TITLES = {
     "logprobs_fwd": "logprobs_from_logits — forward",
     "logprobs_fwd_bwd": "logprobs_from_logits — forward + backward",
@@ -34,6 +34,7 @@ OP_TITLES = {
     "kl_reward": "kl_penalty_rewards",
     "gae": "gae",
     "ppo_loss_fwd_bwd": "ppo_loss — forward + backward",
+    "ppo_loss_gspo_fwd_bwd": "ppo_loss with GSPO's sequence ratio and seq-mean-token-mean weights — forward + backward",
     "linear_logprobs": "linear_logprobs — forward + backward",
 }
 OP_FLOORS = {
@@ -43,6 +44,7 @@ OP_FLOORS = {
     "kl_reward": "17 B/token (read 2 fp32 + bool mask, write 2 fp32)",
     "gae": "17 B/token (read 2 fp32 + bool mask, write 2 fp32)",
     "ppo_loss_fwd_bwd": "37 B/token (read 6 fp32 + bool mask, write ratio + 2 gradients)",
+    "ppo_loss_gspo_fwd_bwd": "41 B/token (read 7 fp32 + bool mask, write ratio + 2 gradients)",
     "linear_logprobs": "8·N·H·V FLOPs at the measured matmul rate (% matmul); bytes: read hidden and weight, "
                        "write their gradients",
 }

@@ -172,6 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=1,
                    help="answers per prompt in a batch (the group of grpo/rloo/reinforce_pp_baseline)")
     p.add_argument("--kl-loss-coef", type=float, default=0.0, help="weight of GRPO's KL term in the loss")
+    p.add_argument("--loss-aggregation", default="token-mean",
+                   choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"],
+                   help="how token losses add up (PPOConfig.loss_aggregation; docs/objectives.md)")
+    p.add_argument("--importance-sampling-level", default="token", choices=["token", "sequence"],
+                   help="sequence: GSPO's per-response ratio")
     return p.parse_args(argv)
 
 
@@ -261,6 +266,8 @@ def main(argv=None) -> dict:
         advantage_estimator=args.advantage_estimator,
         group_size=args.group_size,
         kl_loss_coef=args.kl_loss_coef,
+        loss_aggregation=args.loss_aggregation,
+        importance_sampling_level=args.importance_sampling_level,
     )
     trainer = PPOTrainer(config, model, ref_model, tokenizer)
     device = trainer.accelerator.device if hasattr(trainer, "accelerator") else torch.device(args.device)
@@ -277,8 +284,8 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     print(f"PPO: {args.steps} steps x {args.batch_size} answers x {args.max_new_tokens} new tokens "
           f"on {device}, backend={args.backend}, rollout engine {args.rollout_engine}, advantages "
-          f"{args.advantage_estimator} (group size {args.group_size})  "
-          f"(setup {time.time() - t_start:.0f} s)", flush=True)
+          f"{args.advantage_estimator} (group size {args.group_size}), loss {args.loss_aggregation} with "
+          f"{args.importance_sampling_level} ratios  (setup {time.time() - t_start:.0f} s)", flush=True)
     engine_logprobs = args.rollout_engine == "vllm"  # step then reports the engine-vs-policy mismatch
 
     # 3. Training loop ------------------------------------------------------------------

@@ -20,6 +20,8 @@ KL_LOSS_TYPES = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")  # each response against the others of its group
 SCALE_REWARDS = ("group", "batch", "none")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 BACKENDS = ("auto", "torch", "triton")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_CORRECTIONS = (None, "tis")
@@ -127,6 +129,12 @@ class PPOConfig:
     """Responses per query: consecutive rows of `step`'s batch, each query repeated (generate's num_return_sequences)."""
     scale_rewards: str = "group"
     """GRPO's divisor of the centred rewards: the std of the "group", of the "batch", or "none" (Dr. GRPO)."""
+    loss_aggregation: str = "token-mean"
+    """How token losses add up: "token-mean" (TRL's, over the mini-batch), "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm" (Dr. GRPO)."""
+    loss_aggregation_length: Optional[int] = None
+    """The constant length of "seq-mean-token-sum-norm"; None: the longest response of the step's batch."""
+    importance_sampling_level: str = "token"
+    """The policy ratio per "token" (PPO's) or per "sequence" (GSPO: exp of the response's mean token log-ratio)."""
     use_score_scaling: bool = False
     """Divide scores by their running standard deviation."""
     use_score_norm: bool = False
@@ -214,6 +222,9 @@ class PPOConfig:
         if self.vllm_kwargs and self.rollout_engine != "vllm":
             raise ValueError(f"PPOConfig.vllm_kwargs is set but rollout_engine={self.rollout_engine!r} builds no vLLM "
                              "engine: set rollout_engine='vllm', or drop vllm_kwargs")
+        if self.loss_aggregation_length is not None and self.loss_aggregation != "seq-mean-token-sum-norm":
+            raise ValueError("PPOConfig.loss_aggregation_length is the length of loss_aggregation="
+                             f"'seq-mean-token-sum-norm', but loss_aggregation={self.loss_aggregation!r}")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True")
 
@@ -261,7 +272,8 @@ _RANGES = {
 _MAY_BE_INFINITE = ("cliprange", "cliprange_low", "cliprange_high", "cliprange_value", "max_grad_norm", "target_kl",
                     "ratio_threshold", "score_clip", "rollout_is_cap")
 _CHOICES = {"kl_penalty": KL_PENALTIES, "kl_loss_type": KL_LOSS_TYPES, "advantage_estimator": ADVANTAGE_ESTIMATORS,
-            "scale_rewards": SCALE_REWARDS, "backend": BACKENDS,
+            "scale_rewards": SCALE_REWARDS, "backend": BACKENDS, "loss_aggregation": LOSS_AGGREGATIONS,
+            "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
             "rollout_engine": ROLLOUT_ENGINES, "rollout_correction": ROLLOUT_CORRECTIONS}
 # accelerate.Accelerator arguments the trainer sets from other fields
 _ACCELERATOR_RESERVED = {"log_with": "PPOConfig.log_with", "project_config": "PPOConfig.project_kwargs",

@@ -23,10 +23,11 @@ import torch
 
 from . import reference
 from .config import BACKENDS
-from .op_outputs import PPOLossOutput
+from .op_outputs import IMPORTANCE_SAMPLING_LEVELS, PPOLossOutput, PPOLossSettings, resolve_settings
 
 __all__ = [
     "PPOLossOutput",
+    "PPOLossSettings",
     "full_kl",
     "gae",
     "kl_penalty_rewards",
@@ -257,46 +258,66 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    cliprange,
-    cliprange_value: float,
-    vf_coef: float,
+    cliprange=None,
+    cliprange_value: Optional[float] = None,
+    vf_coef: Optional[float] = None,
     backend: Optional[str] = None,
     dual_clip: Optional[float] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
-    rollout_is_cap: float = 2.0,
+    rollout_is_cap: Optional[float] = None,
+    *,
+    settings: Optional[PPOLossSettings] = None,
+    loss_weights: Optional[torch.Tensor] = None,
 ) -> PPOLossOutput:
     """Clipped policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
 
     Returns a `PPOLossOutput` (losses with gradient w.r.t. logprobs and values, plus the
-    mini-batch statistics). All inputs `[B, T]`, one device. `cliprange`: ε ≥ 0 (the ratio clipped to
-    [1 − ε, 1 + ε], TRL's) or a pair `(low, high)` for [1 − low, 1 + high] (DAPO's clip-higher: high > low).
-    `dual_clip` = c > 1 bounds the
-    loss of negative-advantage tokens at −A·c (dual-clip PPO); None is TRL's loss.
+    mini-batch statistics). All inputs `[B, T]`, one device. The scalar options come either as the
+    arguments below or as one `settings=PPOLossSettings(...)` record (which also holds
+    `importance_sampling_level`), not both. `cliprange`: ε ≥ 0 (the ratio clipped to [1 − ε, 1 + ε], TRL's)
+    or a pair `(low, high)` for [1 − low, 1 + high] (DAPO's clip-higher: high > low). `dual_clip` = c > 1
+    bounds the loss of negative-advantage tokens at −A·c (dual-clip PPO); None is TRL's loss.
     `rollout_logprobs` `[B, T]` (float): the log-probs of the engine that sampled the tokens
     (e.g. vLLM); given, each token's policy loss is weighted by the truncated importance weight
-    min(exp(old_logprobs − rollout_logprobs), rollout_is_cap) (no gradient through it), and
+    min(exp(old_logprobs − rollout_logprobs), rollout_is_cap) (default cap 2.0; no gradient through it), and
     `tis_weight_mean` / `tis_clipfrac` report it; None (default) leaves the loss as it was.
+    `loss_weights` `[B, T]` (float, e.g. `reference.loss_aggregation_weights`): the losses become Σ m·w·ℓ
+    instead of masked token means. `importance_sampling_level="sequence"`: GSPO's per-response ratio.
     Raises TypeError/ValueError naming the argument on wrong types, shapes, devices or values.
     """
     names = [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("values", values),
              ("old_values", old_values), ("advantages", advantages), ("returns", returns), ("mask", mask)]
     _check_token_tensors(names, floating=tuple(name for name, _ in names[:-1]))
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
-        raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
-    if rollout_logprobs is not None:
-        _check_token_tensors([("logprobs", logprobs), ("rollout_logprobs", rollout_logprobs)],
-                             floating=("rollout_logprobs",))
-    if isinstance(rollout_is_cap, bool) or not isinstance(rollout_is_cap, numbers.Real):
-        raise TypeError(f"rollout_is_cap must be a number, got {type(rollout_is_cap).__name__}")
-    if not (math.isfinite(rollout_is_cap) and rollout_is_cap > 0):
-        raise ValueError(f"rollout_is_cap must be a finite number > 0, got {rollout_is_cap!r}")
-    cliprange = _check_cliprange(cliprange)
+    for name, tensor in (("rollout_logprobs", rollout_logprobs), ("loss_weights", loss_weights)):
+        if tensor is not None:
+            _check_token_tensors([("logprobs", logprobs), (name, tensor)], floating=(name,))
+    settings = _check_settings(resolve_settings(settings, cliprange, cliprange_value, vf_coef, dual_clip,
+                                                rollout_is_cap))
     impl = _implementation("ppo_loss", backend, logprobs.device)
-    return impl(logprobs, old_logprobs, values, old_values, advantages, returns, mask,
-                cliprange, float(cliprange_value), float(vf_coef),
-                dual_clip=float(dual_clip) if dual_clip is not None else None,
-                rollout_logprobs=rollout_logprobs, rollout_is_cap=float(rollout_is_cap))
+    return impl(logprobs, old_logprobs, values, old_values, advantages, returns, mask, settings=settings,
+                rollout_logprobs=rollout_logprobs, loss_weights=loss_weights)
 
+
+def _check_settings(settings: PPOLossSettings) -> PPOLossSettings:
+    """`settings` with its numbers as floats; ValueError/TypeError naming the field that is wrong."""
+    dual_clip, cap = settings.dual_clip, settings.rollout_is_cap
+    if dual_clip is not None and not (isinstance(dual_clip, numbers.Real) and not isinstance(dual_clip, bool)
+                                      and dual_clip > 1):
+        raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
+    if isinstance(cap, bool) or not isinstance(cap, numbers.Real):
+        raise TypeError(f"rollout_is_cap must be a number, got {type(cap).__name__}")
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"rollout_is_cap must be a finite number > 0, got {cap!r}")
+    for name in ("cliprange_value", "vf_coef"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if settings.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {settings.importance_sampling_level!r}")
+    return settings._replace(cliprange=_check_cliprange(settings.cliprange),
+                             cliprange_value=float(settings.cliprange_value), vf_coef=float(settings.vf_coef),
+                             dual_clip=None if dual_clip is None else float(dual_clip), rollout_is_cap=float(cap))
 
 
 def linear_logprobs(

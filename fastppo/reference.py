@@ -12,7 +12,14 @@ from typing import Optional
 
 import torch
 
-from .op_outputs import PPOLossOutput, clip_bounds  # the loss kernel returns the same record
+from .linear_logprobs_reference import linear_logprobs  # noqa: F401 (its chunked autograd in a module of its own)
+from .op_outputs import (  # the loss kernel returns the same record
+    LOSS_AGGREGATIONS,
+    PPOLossOutput,
+    PPOLossSettings,
+    clip_bounds,
+    resolve_settings,
+)
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "full", "k3")
 
@@ -222,6 +229,46 @@ def reinforce_pp_baseline_advantages(scores: torch.Tensor, mask: torch.Tensor, g
     return masked_whiten(centered[:, None] * mask.float(), mask) * mask.float()
 
 
+def loss_aggregation_weights(mask: torch.Tensor, aggregation: str, rows: Optional[int] = None,
+                             length=None) -> torch.Tensor:
+    """The per-token weights `[B, T]` float32 of a loss aggregation: the loss is Σ_t w_t·ℓ_t over the batch.
+
+    With n_i the masked tokens of row i, N = Σ n_i, and R = `rows` (the number of sequences the mean runs over;
+    default B — the trainer passes its mini-batch size, so gradient accumulation adds up to the backward batch):
+    "token-mean" w = m/N (TRL 0.11); "seq-mean-token-mean" w = m/(R·n_i) (GRPO's original);
+    "seq-mean-token-sum" w = m/R; "seq-mean-token-sum-norm" w = m/(R·L) (Dr. GRPO, as TRL's: each sequence's
+    token sum over a constant L, then the mean over sequences — veRL's agg_loss leaves out the 1/R), L = `length`
+    (a number or a 0-d tensor; default the longest row, max n_i). Rows with no masked token weigh 0."""
+    maskf = mask.float()
+    rows = mask.shape[0] if rows is None else rows
+    if aggregation == "token-mean":
+        return maskf / maskf.sum().clamp(min=1)
+    if aggregation == "seq-mean-token-mean":
+        return maskf / (maskf.sum(-1, keepdim=True).clamp(min=1) * rows)
+    if aggregation == "seq-mean-token-sum":
+        return maskf / rows
+    if aggregation == "seq-mean-token-sum-norm":
+        if length is None:
+            length = maskf.sum(-1).amax().clamp(min=1) if mask.numel() else 1.0
+        return maskf / (rows * length)
+    raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
+
+
+def aggregate(terms: torch.Tensor, mask: torch.Tensor, loss_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """A loss's 0-d aggregate of per-token `terms`: Σ m·w·terms with `loss_weights`, else the masked token mean."""
+    if loss_weights is None:
+        return masked_mean(terms, mask)
+    return (terms.float() * mask.float() * loss_weights.float()).sum()
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's per-response log importance ratio `[B]`: the mean of (logp − old) over the row's masked tokens (0 for
+    a row with none), detached: the sequence ratio exp(·) is a constant of the loss."""
+    maskf = mask.float()
+    log_ratio = (logprobs.detach().float() - old_logprobs.float()) * maskf
+    return log_ratio.sum(-1) / maskf.sum(-1).clamp(min=1)
+
+
 def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -230,16 +277,21 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    cliprange,
-    cliprange_value: float,
-    vf_coef: float,
+    cliprange=None,
+    cliprange_value: Optional[float] = None,
+    vf_coef: Optional[float] = None,
     dual_clip: Optional[float] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
-    rollout_is_cap: float = 2.0,
+    rollout_is_cap: Optional[float] = None,
+    *,
+    settings: Optional[PPOLossSettings] = None,
+    loss_weights: Optional[torch.Tensor] = None,
 ) -> PPOLossOutput:
-    """Clipped PPO policy loss + clipped value loss, masked means over `[B, T]`.
+    """Clipped PPO policy loss + clipped value loss over masked `[B, T]` tokens.
 
-    Gradients flow to `logprobs` and `values`; the other inputs are constants. `cliprange`: ε, the
+    The scalar options come as `cliprange, cliprange_value, vf_coef, dual_clip, rollout_is_cap` or as one
+    `settings=PPOLossSettings(...)` (which also holds `importance_sampling_level`). Gradients flow to `logprobs`
+    and `values`; the other inputs are constants. `cliprange`: ε, the
     ratio clipped to [1 − ε, 1 + ε], or a pair `(low, high)`: [1 − low, 1 + high] (DAPO's clip-higher
     when high > low; `pg_clipfrac` counts the tokens clipped on either side). `dual_clip`
     = c > 1 (dual-clip PPO, Ye et al. 2020, veRL's clip_ratio_c): where the advantage is
@@ -249,39 +301,49 @@ def ppo_loss(
     multiplied by the truncated importance weight w = min(exp(old − rollout), rollout_is_cap), a
     constant, correcting for the sampler's mismatch with the trained policy; the mean still
     divides by Σm. None (the default) is the loss without it, and the two tis_* stats are None.
+    `importance_sampling_level="sequence"` (GSPO): each token's ratio is r_t = s_i·π_t/sg(π_t) with
+    s_i = exp(`sequence_log_ratio`) of its response (detached), so the value is s_i on every token — clipped
+    per sequence — and dr_t/dlogp_t = s_i. `loss_weights` `[B, T]` (`loss_aggregation_weights`): pg_loss and
+    vf_loss are Σ m·w·ℓ instead of the masked token means (TRL's, w = 1/Σm). The statistics stay token means.
     """
+    settings = resolve_settings(settings, cliprange, cliprange_value, vf_coef, dual_clip, rollout_is_cap)
     logprobs, values = logprobs.float(), values.float()
     old_logprobs, old_values = old_logprobs.float(), old_values.float()
     advantages, returns = advantages.float(), returns.float()
 
+    cliprange_value = settings.cliprange_value
     values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     vf_losses_unclipped = (values - returns).square()
     vf_losses_clipped = (values_clipped - returns).square()
-    vf_loss = 0.5 * masked_mean(torch.maximum(vf_losses_unclipped, vf_losses_clipped), mask)
+    vf_loss = 0.5 * aggregate(torch.maximum(vf_losses_unclipped, vf_losses_clipped), mask, loss_weights)
     vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses_unclipped).float(), mask)
 
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if settings.importance_sampling_level == "sequence":
+        ratio = torch.exp(logprobs - logprobs.detach() + sequence_log_ratio(logprobs, old_logprobs, mask)[:, None])
+    else:
+        ratio = torch.exp(log_ratio)
     pg_losses_unclipped = -advantages * ratio
-    low, high = clip_bounds(cliprange)
+    low, high = clip_bounds(settings.cliprange)
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     pg_losses = torch.maximum(pg_losses_unclipped, pg_losses_clipped)
     pg_clipfrac = masked_mean((pg_losses_clipped > pg_losses_unclipped).float(), mask)
     held = torch.zeros_like(pg_losses)
-    if dual_clip is not None:
-        pg_losses_lower = -advantages * dual_clip
+    if settings.dual_clip is not None:
+        pg_losses_lower = -advantages * settings.dual_clip
         negative = advantages < 0
         held = (negative & (pg_losses > pg_losses_lower)).float()
         pg_losses = torch.where(negative, torch.minimum(pg_losses, pg_losses_lower), pg_losses)
     tis = {}
     if rollout_logprobs is not None:
+        cap = settings.rollout_is_cap
         with torch.no_grad():
             is_ratio = torch.exp(old_logprobs - rollout_logprobs.float())
-            tis_weight = torch.clamp(is_ratio, max=rollout_is_cap)  # w = min(exp(old − rollout), cap)
+            tis_weight = torch.clamp(is_ratio, max=cap)  # w = min(exp(old − rollout), cap)
             tis = dict(tis_weight_mean=masked_mean(tis_weight, mask),
-                       tis_clipfrac=masked_mean((is_ratio > rollout_is_cap).float(), mask))
+                       tis_clipfrac=masked_mean((is_ratio > cap).float(), mask))
         pg_losses = pg_losses * tis_weight  # after the clip and the dual clip: it weights the token's loss
-    pg_loss = masked_mean(pg_losses, mask)
+    pg_loss = aggregate(pg_losses, mask, loss_weights)
     pg_clipfrac_lower = masked_mean(held, mask)
 
     with torch.no_grad():
@@ -292,7 +354,7 @@ def ppo_loss(
         value_error = masked_mean((values - returns).square(), mask)
 
     return PPOLossOutput(
-        loss=pg_loss + vf_coef * vf_loss,
+        loss=pg_loss + settings.vf_coef * vf_loss,
         pg_loss=pg_loss,
         vf_loss=vf_loss,
         pg_clipfrac=pg_clipfrac.detach(),
@@ -306,134 +368,3 @@ def ppo_loss(
         pg_clipfrac_lower=pg_clipfrac_lower.detach(),
         **tis,
     )
-
-
-# --------------------------------------------------------------------------- linear log-probs
-
-
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """`[C, V]` logits of one chunk: the matmul in the input dtype (as the model's lm_head), then float32."""
-    return torch.nn.functional.linear(hidden, weight, bias).float()
-
-
-class _LinearLogprobs(torch.autograd.Function):
-    """Chunked linear log-probs: saves hidden, weight, bias, labels, the float32 LSE `[N]` (and
-    entropy); the backward recomputes the logits tile by tile."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, chunk_size):
-        logps, entropies, lses = [], [], []
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            scaled = _chunk_logits(hidden[rows], weight, bias).div_(temperature)  # y = z / T, [C, V]
-            lse = torch.logsumexp(scaled, dim=-1)
-            logp_all = scaled.sub_(lse.unsqueeze(-1))  # log p, ≤ 0 (in place: one [C, V] float32 tile fewer)
-            logps.append(logp_all.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1))
-            lses.append(lse)
-            if return_entropy:
-                entropies.append(_entropy(logp_all))
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        logp = torch.cat(logps) if logps else empty
-        lse = torch.cat(lses) if lses else empty
-        entropy = (torch.cat(entropies) if entropies else empty) if return_entropy else None
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        if return_entropy:
-            return logp, entropy
-        return logp
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy=None):
-        from fastppo.kernels._launch import linear_logprobs_backward_tiles  # pure Python: needs no triton
-
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
-        temperature = ctx.temperature
-        split, tiles = linear_logprobs_backward_tiles(hidden.shape[0], weight.shape[0], ctx.chunk_size)
-        # The operand whose gradient sums over tiles (weight and bias across token chunks, hidden
-        # across vocabulary tiles) accumulates in float32 and is rounded once at the end.
-        sum_hidden = split == "vocab" and len(tiles) > 1
-        sum_weight = split == "tokens" and len(tiles) > 1
-
-        def zeros(leaf, needed, summed):  # written once (zeros + x is exact) or summed in float32
-            return torch.zeros_like(leaf, dtype=torch.float32 if summed else leaf.dtype) if needed else None
-
-        grad_hidden = zeros(hidden, needs_hidden, sum_hidden)
-        grad_weight = zeros(weight, needs_weight, sum_weight)
-        grad_bias = zeros(bias, needs_bias, sum_weight)
-        for rows, cols in tiles:
-            # y = z / T and log p on this tile, from the saved per-row log-sum-exp. In-place steps keep
-            # three float32 tiles alive at most (log p, p, the gradient), not seven: the same values.
-            logp_tile = _chunk_logits(hidden[rows], weight[cols], bias[cols] if bias is not None else None)
-            logp_tile.div_(temperature).sub_(lse[rows].unsqueeze(-1))
-            p = logp_tile.exp()
-            if grad_logp is not None:  # ∂logp/∂y = onehot − p: g·(0 − p) off the label, g·(1 − p) on it
-                g = grad_logp[rows].float().unsqueeze(-1)
-                grad_scaled = p.mul(g).neg_()
-                local = (labels[rows] - cols.start).unsqueeze(-1)
-                inside = (local >= 0) & (local < cols.stop - cols.start)
-                local = local.clamp(0, cols.stop - cols.start - 1)
-                on_label = g * (1.0 - p.gather(-1, local))
-                grad_scaled.scatter_(-1, local, torch.where(inside, on_label, grad_scaled.gather(-1, local)))
-            else:
-                grad_scaled = torch.zeros_like(p)
-            if grad_entropy is not None:  # ∂H/∂y = −p·(log p + H); p = 0 contributes 0
-                term = logp_tile.add_(entropy[rows].unsqueeze(-1)).mul_(p).masked_fill_(~(p > 0), 0.0)
-                grad_scaled.sub_(term.mul_(grad_entropy[rows].float().unsqueeze(-1)))
-            del logp_tile, p
-            # ∂L/∂z in the logits' dtype, as the logprobs op hands it to the lm_head's backward
-            grad_logits = grad_scaled.div_(temperature).to(hidden.dtype)
-            del grad_scaled
-            if needs_hidden:
-                grad_hidden[rows] += grad_logits @ weight[cols]
-            if needs_weight:
-                grad_weight[cols] += grad_logits.t() @ hidden[rows]
-            if needs_bias:
-                grad_bias[cols] += grad_logits.sum(0, dtype=torch.float32)
-        grad_hidden = grad_hidden.to(hidden.dtype) if needs_hidden else None
-        grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
-
-
-def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
-    """H = −Σ p·log p over the last dim, from float32 log-probs (−inf entries contribute 0)."""
-    p = logp_all.exp()
-    return -torch.where(p > 0, p * logp_all, 0.0).sum(-1)
-
-
-def linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    chunk_size: Optional[int] = None,
-):
-    """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, never holding `[N, V]` logits.
-
-    hidden `[..., H]`, weight `[V, H]` (nn.Linear layout), labels `[...]` int, bias `[V]` or
-    None, one float dtype → float32 `[...]` (≤ 0); with `return_entropy`, also the entropy
-    float32 `[...]`. Tokens go `chunk_size` at a time (default: `linear_logprobs_chunk_size`,
-    shared with the Triton path): each chunk's logits are the matmul in the input dtype (what
-    the model's lm_head computes), upcast to float32 for the log-softmax. The backward
-    recomputes the logits tile by tile (`linear_logprobs_backward_tiles`: token chunks, or
-    vocabulary tiles when N ≤ V) from hidden, weight, bias and the saved float32 log-sum-exp
-    and entropy `[N]`; extra memory is O(chunk_size × V) plus a float32 gradient accumulator,
-    `[min(N, V), H]`. Differentiable w.r.t. hidden, weight and bias.
-    """
-    lead_shape, n_hidden = hidden.shape[:-1], hidden.shape[-1]
-    hidden2d, labels1d = hidden.reshape(-1, n_hidden), labels.reshape(-1).long()
-    if chunk_size is None:
-        from fastppo.kernels._launch import linear_logprobs_chunk_size  # pure Python: needs no triton
-
-        chunk_size = linear_logprobs_chunk_size(hidden2d.shape[0], weight.shape[0], hidden.device)
-    out = _LinearLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature), return_entropy, int(chunk_size))
-    if return_entropy:
-        return out[0].reshape(lead_shape), out[1].reshape(lead_shape)
-    return out.reshape(lead_shape)

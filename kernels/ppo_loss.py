@@ -1,37 +1,38 @@
 """Clipped PPO policy + value loss, forward and backward: `fastppo.kernels.ppo_loss`.
 
-Math (TRL classic, see `fastppo.reference.ppo_loss`), per token with weight m (the mask as
-float) and N = Σm:
+Math (see `fastppo.reference.ppo_loss`), per token with mask m (as float) and N = Σm:
 
-    r   = exp(logp − old_logp)
-    pg  = max(−A·r, −A·clamp(r, 1 − ε, 1 + ε))                   pg_loss = Σm·pg / N
+    r   = exp(logp − old_logp)                  (GSPO, SEQ_RATIO: r = exp(s_i) on every token of row i,
+                                                 s_i = Σ_t m·(logp − old) / max(Σ_t m, 1), a constant)
+    pg  = max(−A·r, −A·clamp(r, 1 − ε_lo, 1 + ε_hi))                 pg_loss = Σm·pg / N
     (dual clip c > 1: pg = min(pg, −A·c) where A < 0; its clip fraction counts those held)
-    (rollout log-probs: pg = w·pg, w = min(exp(old_logp − rollout_logp), cap), a constant:
-     truncated importance sampling for tokens sampled by another engine; N stays Σm)
+    (rollout log-probs: pg = w·pg, w = min(exp(old_logp − rollout_logp), cap), a constant)
     v_c = clamp(v, v_old − ε_v, v_old + ε_v)
-    vf  = max((v − R)², (v_c − R)²)                               vf_loss = ½·Σm·vf / N
+    vf  = max((v − R)², (v_c − R)²)                                  vf_loss = ½·Σm·vf / N
+    (loss weights ω, WEIGHTED: pg_loss = Σm·ω·pg and vf_loss = ½·Σm·ω·vf — the loss aggregations)
     loss = pg_loss + vf_coef·vf_loss
-    stats: clip fractions Σm·[clipped > unclipped]/N, approxkl ½Σm·(logp − old)²/N,
-           policykl Σm·(old − logp)/N, ratio_mean, vpred_mean, value_error Σm·(v − R)²/N;
-           with rollout log-probs tis_weight_mean Σm·w/N, tis_clipfrac Σm·[exp(old − rollout) > cap]/N.
+    stats (token means whatever the weights): clip fractions Σm·[clipped > unclipped]/N, approxkl
+    ½Σm·(logp − old)²/N, policykl Σm·(old − logp)/N, ratio_mean, vpred_mean, value_error Σm·(v − R)²/N;
+    with rollout log-probs tis_weight_mean Σm·w/N, tis_clipfrac Σm·[exp(old − rollout) > cap]/N.
 
-Backward, with ḡ_pg = (g_pg + g_loss)/N and ḡ_vf = ½(g_vf + vf_coef·g_loss)/N, matching
-torch autograd of the reference term by term: torch.maximum sends the gradient to the larger
+Backward, with ḡ_pg = (g_pg + g_loss)/N and ḡ_vf = ½(g_vf + vf_coef·g_loss)/N (weighted: ·ω instead of /N),
+matching torch autograd of the reference term by term: torch.maximum sends the gradient to the larger
 argument and half to each on an exact tie (w_u, w_c below: those shares, not the importance
 weight w); clamp passes it where lo ≤ x ≤ hi (inclusive):
 
-    d/dlogp = ḡ_pg·m·(w_u·(−A) + w_c·(−A)·[1−ε ≤ r ≤ 1+ε])·r     (× the min's share, dual clip; × w)
+    d/dlogp = ḡ_pg·m·(w_u·(−A) + w_c·(−A)·[1−ε_lo ≤ r ≤ 1+ε_hi])·r   (× the min's share, dual clip; × w)
     d/dv    = ḡ_vf·m·(w_u·2(v − R) + w_c·2(v_c − R)·[v_old − ε_v ≤ v ≤ v_old + ε_v])
+
+(GSPO's r = s_i·π_t/sg(π_t) has dr/dlogp_t = r as well, so one backward serves both levels.)
 
 Launches: forward = 1 kernel writing ratio `[B, T]` and per-program partial sums `[P, 13]`
 (P ≤ MAX_TOKEN_PARTIALS, grid-stride over tiles) + 1 single-program kernel that reduces them and
-writes loss, pg_loss, vf_loss and the stats (deterministic, no atomics, no host sync).
-Backward = 1 kernel recomputing r (and w) from the inputs and writing both gradients.
-Bytes per token (fp32 inputs, bool mask): forward reads 6·4 + 1 and writes 4 (29 bytes);
-backward reads 29 and writes 8. Rollout log-probs (fp32) add a read of 4 to each: forward 37,
-backward 41. Eager PyTorch needs ~40 launches forward, ~40 backward.
+writes loss, pg_loss, vf_loss and the stats (deterministic, no atomics, no host sync); GSPO adds one
+per-row reduction first. Backward = 1 kernel recomputing r (and w) from the inputs and writing both
+gradients. Bytes per token (fp32 inputs, bool mask): forward reads 6·4 + 1 and writes 4 (29 bytes);
+backward reads 29 and writes 8; rollout log-probs and loss weights add a read of 4 each to each pass.
 
-Shapes: all inputs `[B, T]` (rollout log-probs too), any float dtype (upcast to float32 on
+Shapes: all inputs `[B, T]` (rollout log-probs, loss weights too), any float dtype (upcast to float32 on
 load), any strides; mask bool / int / float. ratio is float32 contiguous; gradients have the
 dtype of their input.
 """
@@ -45,7 +46,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastppo.op_outputs import PPOLossOutput, clip_bounds
+from fastppo.op_outputs import PPOLossOutput, PPOLossSettings, clip_bounds, resolve_settings
 
 from . import _launch
 from ._launch import check_column_offsets, device_guard, token_tiles
@@ -66,18 +67,52 @@ def _load_tile(ptr, rows, cols, s_b, s_t, ok):
 
 
 @triton.jit
+def _ratio(log_ratio, seq_lr_ptr, rows, B, SEQ_RATIO: tl.constexpr):
+    """Each token's ratio: exp(its log-ratio), or (GSPO) exp(its response's mean log-ratio) on every token."""
+    if SEQ_RATIO:
+        seq_lr = tl.load(seq_lr_ptr + rows, mask=rows < B, other=0.0)
+        return tl.exp(seq_lr)[:, None] + tl.zeros_like(log_ratio)
+    return tl.exp(log_ratio)
+
+
+@triton.jit
+def _seq_log_ratio_kernel(
+    logp_ptr, old_logp_ptr, mask_ptr,  # [B, T]
+    out_ptr,  # [B] float32: Σ m·(logp − old) / max(Σ m, 1)
+    T, s_lp_b, s_lp_t, s_olp_b, s_olp_t, s_m_b, s_m_t,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        ok = cols < T
+        logp = tl.load(logp_ptr + row * s_lp_b + cols * s_lp_t, mask=ok, other=0.0).to(tl.float32)
+        old_logp = tl.load(old_logp_ptr + row * s_olp_b + cols * s_olp_t, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(mask_ptr + row * s_m_b + cols * s_m_t, mask=ok, other=0.0).to(tl.float32)
+        acc += (logp - old_logp) * m
+        count += m
+    tl.store(out_ptr + row, tl.sum(acc) / tl.maximum(tl.sum(count), 1.0))
+
+
+@triton.jit
 def _ppo_loss_fwd_kernel(
     logp_ptr, old_logp_ptr, v_ptr, old_v_ptr, adv_ptr, ret_ptr,  # [B, T] any float
     mask_ptr,  # [B, T] bool / int / float
     roll_logp_ptr,  # [B, T] any float: the sampling engine's log-probs (read when ROLLOUT_IS)
+    weight_ptr,  # [B, T] any float: the loss aggregation's per-token weights (read when WEIGHTED)
+    seq_lr_ptr,  # [B] float32: each response's mean log-ratio (read when SEQ_RATIO)
     ratio_ptr,  # [B, T] float32, contiguous
     partials_ptr,  # [P, 13] float32
     B, T, n_col_tiles, n_tiles,
     s_lp_b, s_lp_t, s_olp_b, s_olp_t, s_v_b, s_v_t, s_ov_b, s_ov_t, s_a_b, s_a_t, s_r_b, s_r_t, s_m_b, s_m_t,
-    s_rl_b, s_rl_t,
+    s_rl_b, s_rl_t, s_w_b, s_w_t,
     clip_lo, clip_hi, cliprange_value, dual_clip, rollout_is_cap,
     DUAL_CLIP: tl.constexpr,
     ROLLOUT_IS: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -109,7 +144,7 @@ def _ppo_loss_fwd_kernel(
         m = _load_tile(mask_ptr, rows, cols, s_m_b, s_m_t, ok)
 
         log_ratio = logp - old_logp
-        ratio = tl.exp(log_ratio)
+        ratio = _ratio(log_ratio, seq_lr_ptr, rows, B, SEQ_RATIO)
         pg_unclipped = -adv * ratio
         pg_clipped = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
         v_clipped = tl.minimum(tl.maximum(v, old_v - cliprange_value), old_v + cliprange_value)
@@ -130,8 +165,11 @@ def _ppo_loss_fwd_kernel(
             acc_tis_w += tl.sum(tis_w * m)
             acc_tis_clip += tl.sum(tl.where(is_ratio > rollout_is_cap, m, 0.0))
             pg = pg * tis_w
-        acc_pg += tl.sum(pg * m)
-        acc_vf += tl.sum(tl.maximum(vf_unclipped, vf_clipped) * m)
+        lw = m  # each token's share of the losses' sums: the mask, or mask × aggregation weight
+        if WEIGHTED:
+            lw = m * _load_tile(weight_ptr, rows, cols, s_w_b, s_w_t, ok)
+        acc_pg += tl.sum(pg * lw)
+        acc_vf += tl.sum(tl.maximum(vf_unclipped, vf_clipped) * lw)
         acc_pg_clip += tl.sum(tl.where(pg_clipped > pg_unclipped, m, 0.0))
         acc_vf_clip += tl.sum(tl.where(vf_clipped > vf_unclipped, m, 0.0))
         acc_lr_sq += tl.sum(log_ratio * log_ratio * m)
@@ -164,6 +202,7 @@ def _ppo_loss_reduce_kernel(
     stats_ptr,  # [10] float32: the PPOLossOutput stats in order
     count_ptr,  # [] float32: N, for the backward
     n_partials, vf_coef,
+    WEIGHTED: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     p = tl.arange(0, BLOCK_P)
@@ -173,8 +212,9 @@ def _ppo_loss_reduce_kernel(
     sums = tl.sum(parts, axis=0)  # [16]
     n = tl.sum(tl.where(k == 9, sums, 0.0))
     means = sums / n  # NaN everywhere for an empty mask, like the reference
-    pg_loss = tl.sum(tl.where(k == 0, means, 0.0))
-    vf_loss = 0.5 * tl.sum(tl.where(k == 1, means, 0.0))
+    losses = sums if WEIGHTED else means  # weighted: the weights already hold the aggregation's divisors
+    pg_loss = tl.sum(tl.where(k == 0, losses, 0.0))
+    vf_loss = 0.5 * tl.sum(tl.where(k == 1, losses, 0.0))
     tl.store(loss_ptr, pg_loss + vf_coef * vf_loss)
     tl.store(pg_loss_ptr, pg_loss)
     tl.store(vf_loss_ptr, vf_loss)
@@ -190,16 +230,20 @@ def _ppo_loss_bwd_kernel(
     logp_ptr, old_logp_ptr, v_ptr, old_v_ptr, adv_ptr, ret_ptr,  # [B, T] any float
     mask_ptr,  # [B, T] bool / int / float
     roll_logp_ptr,  # [B, T] any float: the sampling engine's log-probs (read when ROLLOUT_IS)
+    weight_ptr,  # [B, T] any float: the loss aggregation's per-token weights (read when WEIGHTED)
+    seq_lr_ptr,  # [B] float32: each response's mean log-ratio (read when SEQ_RATIO)
     g_loss_ptr, g_pg_ptr, g_vf_ptr,  # [] upstream gradients (read when HAS_G_*)
     count_ptr,  # [] float32: N from the forward
     dlogp_ptr,  # [B, T] dtype of logprobs, contiguous
     dv_ptr,  # [B, T] dtype of values, contiguous
     B, T, n_col_tiles,
     s_lp_b, s_lp_t, s_olp_b, s_olp_t, s_v_b, s_v_t, s_ov_b, s_ov_t, s_a_b, s_a_t, s_r_b, s_r_t, s_m_b, s_m_t,
-    s_rl_b, s_rl_t,
+    s_rl_b, s_rl_t, s_w_b, s_w_t,
     clip_lo, clip_hi, cliprange_value, vf_coef, dual_clip, rollout_is_cap,
     DUAL_CLIP: tl.constexpr,
     ROLLOUT_IS: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
     HAS_G_LOSS: tl.constexpr, HAS_G_PG: tl.constexpr, HAS_G_VF: tl.constexpr,
     NEED_DLOGP: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -221,14 +265,19 @@ def _ppo_loss_bwd_kernel(
         g_pg = tl.load(g_pg_ptr).to(tl.float32)
     if HAS_G_VF:
         g_vf = tl.load(g_vf_ptr).to(tl.float32)
-    n = tl.load(count_ptr)
     m = _load_tile(mask_ptr, rows, cols, s_m_b, s_m_t, ok)
+    # d loss / d (token term) = m·w weighted, else m / N (the masked mean: divided first, as autograd does)
+    n = 1.0
+    if WEIGHTED:
+        m = m * _load_tile(weight_ptr, rows, cols, s_w_b, s_w_t, ok)
+    else:
+        n = tl.load(count_ptr)
 
     if NEED_DLOGP:
         logp = _load_tile(logp_ptr, rows, cols, s_lp_b, s_lp_t, ok)
         old_logp = _load_tile(old_logp_ptr, rows, cols, s_olp_b, s_olp_t, ok)
         adv = _load_tile(adv_ptr, rows, cols, s_a_b, s_a_t, ok)
-        ratio = tl.exp(logp - old_logp)
+        ratio = _ratio(logp - old_logp, seq_lr_ptr, rows, B, SEQ_RATIO)  # dr/dlogp = r at either level
         pg_unclipped = -adv * ratio
         pg_clipped = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
         g = ((g_pg + g_loss) / n) * m  # d pg_loss / d max(...) per token
@@ -277,17 +326,20 @@ class _PPOLossFunction(torch.autograd.Function):
     """(logprobs, values, constants...) → (loss, pg_loss, vf_loss, stats [10], ratio [B, T])."""
 
     @staticmethod
-    def forward(ctx, logprobs, values, old_logprobs, old_values, advantages, returns, mask,
-                cliprange, cliprange_value, vf_coef, dual_clip, rollout_logprobs, rollout_is_cap):
+    def forward(ctx, logprobs, values, old_logprobs, old_values, advantages, returns, mask, settings,
+                rollout_logprobs, loss_weights):
         B, T = logprobs.shape
         device = logprobs.device
         inputs = (logprobs, old_logprobs, values, old_values, advantages, returns, mask)
         for name, tensor in zip(_INPUT_NAMES, inputs):
             check_column_offsets(tensor, name)
-        if rollout_logprobs is not None:
-            check_column_offsets(rollout_logprobs, "rollout_logprobs")
-        # without rollout log-probs the kernels never read this pointer (ROLLOUT_IS=False)
+        for name, tensor in (("rollout_logprobs", rollout_logprobs), ("loss_weights", loss_weights)):
+            if tensor is not None:
+                check_column_offsets(tensor, name)
+        # an option left out is never read by the kernels (its constexpr is False): any pointer will do
         rollout = rollout_logprobs if rollout_logprobs is not None else old_logprobs
+        weights = loss_weights if loss_weights is not None else old_logprobs
+        sequence = settings.importance_sampling_level == "sequence"
         block_b, block_t, num_warps = token_tiles(B, T, device)
         n_col_tiles = triton.cdiv(T, block_t)
         n_tiles = triton.cdiv(B, block_b) * n_col_tiles
@@ -297,23 +349,32 @@ class _PPOLossFunction(torch.autograd.Function):
         loss, pg_loss, vf_loss = (torch.empty((), dtype=torch.float32, device=device) for _ in range(3))
         stats = torch.empty(N_STATS, dtype=torch.float32, device=device)
         count = torch.empty((), dtype=torch.float32, device=device)
-        low, high = cliprange  # (a pair: ppo_loss below makes it with clip_bounds)
-        clip = (1.0 - low, 1.0 + high, cliprange_value)
+        seq_lr = torch.empty((B,) if sequence else (1,), dtype=torch.float32, device=device)
+        low, high = clip_bounds(settings.cliprange)
+        dual_clip = settings.dual_clip
         dual_c = float(dual_clip) if dual_clip is not None else 0.0
-        modes = dict(DUAL_CLIP=dual_clip is not None, ROLLOUT_IS=rollout_logprobs is not None)
+        clip = (1.0 - low, 1.0 + high, float(settings.cliprange_value))
+        modes = dict(DUAL_CLIP=dual_clip is not None, ROLLOUT_IS=rollout_logprobs is not None,
+                     WEIGHTED=loss_weights is not None, SEQ_RATIO=sequence)
+        cap = float(settings.rollout_is_cap)
         with device_guard(logprobs):
+            if sequence and B:
+                _seq_log_ratio_kernel[(B,)](
+                    logprobs, old_logprobs, mask, seq_lr, T, *_strides(logprobs, old_logprobs, mask),
+                    BLOCK_T=min(max(triton.next_power_of_2(T), 16), 1024), num_warps=4,
+                )
             if n_partials:
                 _ppo_loss_fwd_kernel[(n_partials,)](
-                    *inputs, rollout, ratio, partials, B, T, n_col_tiles, n_tiles, *_strides(*inputs, rollout),
-                    *clip, dual_c, rollout_is_cap,
+                    *inputs, rollout, weights, seq_lr, ratio, partials, B, T, n_col_tiles, n_tiles,
+                    *_strides(*inputs, rollout, weights), *clip, dual_c, cap,
                     **modes, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
                 )
             _ppo_loss_reduce_kernel[(1,)](
-                partials, loss, pg_loss, vf_loss, stats, count, n_partials, vf_coef,
-                BLOCK_P=triton.next_power_of_2(max(n_partials, 1)), num_warps=4,
+                partials, loss, pg_loss, vf_loss, stats, count, n_partials, float(settings.vf_coef),
+                WEIGHTED=modes["WEIGHTED"], BLOCK_P=triton.next_power_of_2(max(n_partials, 1)), num_warps=4,
             )
-        ctx.save_for_backward(*inputs, rollout, count)
-        ctx.clip = clip + (vf_coef, dual_c, rollout_is_cap)
+        ctx.save_for_backward(*inputs, rollout, weights, seq_lr, count)
+        ctx.clip = clip + (float(settings.vf_coef), dual_c, cap)
         ctx.modes = modes
         ctx.mark_non_differentiable(stats, ratio)
         ctx.set_materialize_grads(False)
@@ -322,13 +383,14 @@ class _PPOLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, g_pg_loss, g_vf_loss, _g_stats, _g_ratio):
-        logprobs, old_logprobs, values, old_values, advantages, returns, mask, rollout, count = ctx.saved_tensors
+        (logprobs, old_logprobs, values, old_values, advantages, returns, mask, rollout, weights, seq_lr,
+         count) = ctx.saved_tensors
         have = [g is not None for g in (g_loss, g_pg_loss, g_vf_loss)]
         # as autograd of the reference: no gradient (None, not zeros) to a leaf the used outputs ignore
         need_dlogp = ctx.needs_input_grad[0] and (have[0] or have[1])
         need_dv = ctx.needs_input_grad[1] and (have[0] or have[2])
         if not (need_dlogp or need_dv):
-            return (None,) * 13
+            return (None,) * 10
         B, T = logprobs.shape
         dlogp = torch.empty((B, T), dtype=logprobs.dtype, device=logprobs.device) if need_dlogp else None
         dv = torch.empty((B, T), dtype=values.dtype, device=values.device) if need_dv else None
@@ -339,14 +401,14 @@ class _PPOLossFunction(torch.autograd.Function):
             grads = [g if g is not None else count for g in (g_loss, g_pg_loss, g_vf_loss)]  # unread if None
             with device_guard(logprobs):
                 _ppo_loss_bwd_kernel[(triton.cdiv(B, block_b) * n_col_tiles,)](
-                    *inputs, rollout, *grads, count,
+                    *inputs, rollout, weights, seq_lr, *grads, count,
                     dlogp if need_dlogp else count, dv if need_dv else count,
-                    B, T, n_col_tiles, *_strides(*inputs, rollout), *ctx.clip, **ctx.modes,
+                    B, T, n_col_tiles, *_strides(*inputs, rollout, weights), *ctx.clip, **ctx.modes,
                     HAS_G_LOSS=have[0], HAS_G_PG=have[1], HAS_G_VF=have[2],
                     NEED_DLOGP=need_dlogp, NEED_DV=need_dv,
                     BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
                 )
-        return (dlogp, dv) + (None,) * 11
+        return (dlogp, dv) + (None,) * 8
 
 
 def ppo_loss(
@@ -357,28 +419,25 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    cliprange,
-    cliprange_value: float,
-    vf_coef: float,
+    cliprange=None,
+    cliprange_value: Optional[float] = None,
+    vf_coef: Optional[float] = None,
     dual_clip: Optional[float] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
-    rollout_is_cap: float = 2.0,
+    rollout_is_cap: Optional[float] = None,
+    *,
+    settings: Optional[PPOLossSettings] = None,
+    loss_weights: Optional[torch.Tensor] = None,
 ) -> PPOLossOutput:
-    """Clipped PPO policy loss + vf_coef × clipped value loss over masked `[B, T]` tokens.
-
-    Two launches forward (partial sums, then a one-program reduction) and one backward. `cliprange`: ε, or
-    `(low, high)` for the ratio's bounds [1 − low, 1 + high].
-    Returns a `PPOLossOutput`: loss, pg_loss, vf_loss differentiable w.r.t. logprobs and
-    values (the other inputs are treated as constants), the stats as 0-d float32 views of
-    one buffer, and ratio `[B, T]` float32 (detached). With `rollout_logprobs` `[B, T]` each
-    token's policy loss is weighted by min(exp(old − rollout), rollout_is_cap) and
-    tis_weight_mean / tis_clipfrac are set; without, they are None and the kernels run with
-    ROLLOUT_IS=False (no extra load, the same results as before the option).
+    """`fastppo.reference.ppo_loss`'s math, options and record (the scalars separately or as `settings`), in the
+    launches the module docstring lists. loss, pg_loss, vf_loss are differentiable w.r.t. logprobs and values;
+    the stats are 0-d float32 views of one buffer, ratio `[B, T]` float32 (detached); tis_weight_mean and
+    tis_clipfrac are None without `rollout_logprobs` (the kernels then never read them: ROLLOUT_IS=False).
     """
+    settings = resolve_settings(settings, cliprange, cliprange_value, vf_coef, dual_clip, rollout_is_cap)
     loss, pg_loss, vf_loss, stats, ratio = _PPOLossFunction.apply(
-        logprobs, values, old_logprobs, old_values, advantages, returns, mask,
-        clip_bounds(cliprange), float(cliprange_value), float(vf_coef), dual_clip, rollout_logprobs,
-        float(rollout_is_cap),
+        logprobs, values, old_logprobs, old_values, advantages, returns, mask, settings, rollout_logprobs,
+        loss_weights,
     )
     (pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error, pg_clipfrac_lower,
      tis_weight_mean, tis_clipfrac) = stats.unbind()

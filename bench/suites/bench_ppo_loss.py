@@ -62,3 +62,35 @@ def bench_ppo_loss_fwd_bwd(benchmark, bench_env, provider, shape, dtype):
         call=lambda args: _loss_and_grads(fn, args),
         bytes_moved=tokens * (6 * dtype.itemsize + harness.MASK_DTYPE.itemsize + 4 + 2 * dtype.itemsize),
     )
+
+
+def _gspo_implementation(provider):
+    """GSPO's sequence ratio with seq-mean-token-mean weights (the loss weights made once, outside the timing)."""
+    settings = ops.PPOLossSettings(CLIPRANGE, CLIPRANGE_VALUE, VF_COEF, importance_sampling_level="sequence")
+
+    def call_ops(backend):
+        return lambda *tensors: ops.ppo_loss(*tensors[:7], backend=backend, settings=settings, loss_weights=tensors[7])
+
+    return harness.implementation(
+        provider,
+        eager=lambda *tensors: reference.ppo_loss(*tensors[:7], settings=settings, loss_weights=tensors[7]),
+        reference=call_ops("torch"),
+        fastppo=call_ops("triton"),
+    )
+
+
+def bench_ppo_loss_gspo_fwd_bwd(benchmark, bench_env, provider, shape, dtype):
+    """The same loss with GSPO's objective: one more [B, T] read per pass (the weights) and a per-row reduction."""
+    fn = _gspo_implementation(provider)
+    tokens = shape[0] * shape[1]
+
+    def make_inputs():
+        tensors = _inputs(shape, dtype, bench_env.device)
+        return tensors + (reference.loss_aggregation_weights(tensors[6], "seq-mean-token-mean"),)
+
+    harness.run_case(
+        benchmark, bench_env, group="ppo_loss_gspo_fwd_bwd", provider=provider, dims=DIMS, shape=shape, dtype=dtype,
+        make_inputs=make_inputs,
+        call=lambda args: _loss_and_grads(fn, args),
+        bytes_moved=tokens * (7 * dtype.itemsize + 4 + harness.MASK_DTYPE.itemsize + 4 + 2 * dtype.itemsize),
+    )

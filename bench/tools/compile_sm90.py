@@ -34,6 +34,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from fastppo.kernels import _launch  # noqa: E402
+from fastppo.op_outputs import PPOLossSettings  # noqa: E402
 
 RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 GLOBAL_LOAD = re.compile(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[a-z](\d+)\s")
@@ -153,6 +154,14 @@ def exercise_every_kernel(tool: AheadOfTime) -> None:
             leaves = [tensors[0].clone().requires_grad_(), tensors[2].clone().requires_grad_()]
             out = kernel_for("ppo_loss")(leaves[0], tensors[1], leaves[1], *tensors[3:], mask, 0.2, 0.2, 0.1,
                                          dual_clip=dual_clip, rollout_logprobs=rollout)
+            torch.autograd.grad(out.loss, leaves)
+        # the objectives beyond TRL's: per-token loss weights, GSPO's sequence ratio (with its row reduction)
+        weights = mask.float() / shape[1]
+        for level, loss_weights in (("sequence", None), ("token", weights), ("sequence", weights.bfloat16())):
+            leaves = [tensors[0].clone().requires_grad_(), tensors[2].clone().requires_grad_()]
+            settings = PPOLossSettings(importance_sampling_level=level)
+            out = kernel_for("ppo_loss")(leaves[0], tensors[1], leaves[1], *tensors[3:], mask, settings=settings,
+                                         loss_weights=loss_weights)
             torch.autograd.grad(out.loss, leaves)
 
 

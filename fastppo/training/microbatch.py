@@ -38,16 +38,22 @@ def split_to_count(slices: list, count: int) -> list:
     return slices
 
 
-def combine_loss_outputs(outs: list, weights: list):
+LOSS_FIELDS = ("loss", "pg_loss", "vf_loss", "kl_loss")
+
+
+def combine_loss_outputs(outs: list, weights: list, weighted: bool = False):
     """Micro-batches' PPOLossOutputs → the mini-batch's: every 0-d field is a masked mean over
-    response tokens, so the mini-batch's is the mean weighted by each micro-batch's share of them;
-    the per-position `ratio` rows are concatenated in order. Detached: for statistics."""
+    response tokens, so the mini-batch's is the mean weighted by each micro-batch's share of them
+    (`weighted`: the losses were made with per-token loss weights of the whole mini-batch, so they add up
+    as they are); the per-position `ratio` rows are concatenated in order. Detached: for statistics."""
     combined = {}
     for field, first in outs[0]._asdict().items():
         if first is None:
             combined[field] = None
         elif field == "ratio":
             combined[field] = torch.cat([out.ratio for out in outs])
+        elif weighted and field in LOSS_FIELDS:
+            combined[field] = sum(getattr(out, field).detach() for out in outs)
         else:
             combined[field] = sum(weight * getattr(out, field).detach() for out, weight in zip(outs, weights))
     return type(outs[0])(**combined)

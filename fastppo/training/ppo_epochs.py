@@ -19,20 +19,37 @@ import torch
 from torch.profiler import record_function
 
 from .. import ops, reference, sharding
-from ..op_outputs import PPOLossOutput
+from ..op_outputs import PPOLossOutput, PPOLossSettings
 from . import microbatch, step_guard
 from . import stats as step_statistics
 from .experience import Experience
 from .forward_plan import ForwardPlan
 
 
-def ppo_loss_for(config, logprobs, old_logprobs, values, old_values, advantages, returns, mask,
-                 rollout_logprobs=None) -> PPOLossOutput:
-    """`ops.ppo_loss` with the config's clip ranges, value coefficient, dual clip, TIS cap and backend (`[b, T]`)."""
+def loss_settings(config) -> PPOLossSettings:
+    """The loss's options from the config: clip ranges, value coefficient, dual clip, TIS cap, ratio level."""
     vf_coef = config.vf_coef if config.uses_critic else 0.0  # critic-free: values and returns are 0, no value loss
-    return ops.ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, ratio_clip(config),
-                        config.cliprange_value, vf_coef, backend=config.backend, dual_clip=config.dual_clip,
-                        rollout_logprobs=rollout_logprobs, rollout_is_cap=config.rollout_is_cap)
+    return PPOLossSettings(ratio_clip(config), config.cliprange_value, vf_coef, config.dual_clip,
+                           config.rollout_is_cap, config.importance_sampling_level)
+
+
+def loss_weights_for(config, mask: torch.Tensor, length=None):
+    """The mini-batch's per-token loss weights `[b, T]` of `config.loss_aggregation`, or None for TRL's token mean
+    (the kernels' unweighted path). The sequence means run over the mini-batch's rows: accelerate divides each
+    accumulated mini-batch's loss by gradient_accumulation_steps, which makes it the backward batch's mean."""
+    if config.loss_aggregation == "token-mean":
+        return None
+    if config.loss_aggregation_length is not None:
+        length = config.loss_aggregation_length
+    return reference.loss_aggregation_weights(mask, config.loss_aggregation, rows=mask.shape[0], length=length)
+
+
+def ppo_loss_for(config, logprobs, old_logprobs, values, old_values, advantages, returns, mask,
+                 rollout_logprobs=None, loss_weights=None) -> PPOLossOutput:
+    """`ops.ppo_loss` with the config's settings and backend (`[b, T]`), weighted by `loss_weights` if given."""
+    return ops.ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask,
+                        backend=config.backend, settings=loss_settings(config), rollout_logprobs=rollout_logprobs,
+                        loss_weights=loss_weights)
 
 
 def ratio_clip(config):
@@ -61,6 +78,7 @@ class PPOEpochs:
     def __init__(self, config, accelerator, model, optimizer, plan: ForwardPlan, guard: step_guard.StepGuard):
         self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
         self.plan, self.guard = plan, guard
+        self.aggregation_length = None  # set per step by `run` (Dr. GRPO's length from the batch)
 
     def run(self, experience: Experience) -> tuple:
         """Train on `experience` (`config.batch_size` rows): the mini-batches' stats stacked (TRL's `train_stats`
@@ -68,6 +86,9 @@ class PPOEpochs:
         skipped for non-finite values are left out of the stats."""
         config = self.config
         per_minibatch, skips, early_stopped = [], [], False
+        # Dr. GRPO's constant length, when the config leaves it to the batch: its longest response (on the device)
+        by_batch = config.loss_aggregation == "seq-mean-token-sum-norm" and config.loss_aggregation_length is None
+        self.aggregation_length = experience.mask.sum(-1).amax() if by_batch and len(experience) else None
         self.guard.begin()
         self.model.train(config.gradient_checkpointing)  # once: no pass below changes a module's mode
         for _ in range(config.ppo_epochs):
@@ -103,35 +124,43 @@ class PPOEpochs:
     def train_minibatch(self, experience: Experience, index: int) -> tuple:
         """Forward, loss, backward and the guarded optimizer step of mini-batch `index`: (stats, ratio-guard skip).
 
-        With token-budget micro-batches each one's loss is weighted by its share of the response tokens
+        With token-budget micro-batches each one's loss is weighted by its share of the response tokens (with a
+        `loss_aggregation`'s per-token weights, made for the whole mini-batch, the shares are in the weights)
         and the gradients all-reduce once, after the last. TRL's ratio guard needs the whole mini-batch's
         mean ratio before any backward, so a split mini-batch finds it in a no-grad pass first.
         """
         config = self.config
         micro = self.plan.micro_batches(experience.attention_mask, experience.mask, experience.layout)
+        weights = loss_weights_for(config, experience.mask, self.aggregation_length)
+
+        def part(rows):  # the micro-batch's rows and loss weights
+            return experience.select(rows), None if weights is None else weights[rows]
+
         skip = None
         if len(micro) > 1:
             with torch.no_grad():
-                ratio_mean = sum(weight * self.loss(experience.select(rows))[0].ratio_mean for rows, weight in micro)
+                ratio_mean = sum(weight * self.loss(*part(rows))[0].ratio_mean for rows, weight in micro)
             skip = ratio_spikes(ratio_mean, config.ratio_threshold)
         outs, entropies, flags, backward_ran = [], [], None, True
         for position, (rows, weight) in enumerate(micro):
             last = position == len(micro) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 with record_function("fastppo/minibatch_forward"):
-                    out, entropy, part_flags = self.loss(experience.select(rows))
+                    out, entropy, part_flags = self.loss(*part(rows))
                     if skip is None:  # one pass: its own mean ratio decides
                         skip = ratio_spikes(out.ratio_mean, config.ratio_threshold)
                     flags = part_flags if flags is None else flags | part_flags
                 if self.guard.backward_allowed(part_flags, index):  # (False only under DeepSpeed: no micro-batches)
                     with record_function("fastppo/minibatch_backward"):
-                        self.accelerator.backward(out.loss * (weight * (~skip).float()))
+                        share = weight if weights is None else 1.0  # weighted: the part's loss is its share already
+                        self.accelerator.backward(out.loss * (share * (~skip).float()))
                 else:
                     backward_ran = False
             outs.append(out)
             entropies.append(entropy.detach())
         if len(outs) > 1:
-            out, entropy = microbatch.combine_loss_outputs(outs, [weight for _, weight in micro]), torch.cat(entropies)
+            out = microbatch.combine_loss_outputs(outs, [weight for _, weight in micro], weighted=weights is not None)
+            entropy = torch.cat(entropies)
         out = zero_losses(out, skip)
         if backward_ran:
             with record_function("fastppo/optimizer_step"):
@@ -142,16 +171,18 @@ class PPOEpochs:
                                                     config.uses_critic)
         return stats, skip
 
-    def loss(self, experience: Experience) -> tuple:
-        """The training forward and the PPO loss of some rows: (PPOLossOutput, entropy `[b, L-1]`, non-finite flags)."""
+    def loss(self, experience: Experience, loss_weights=None) -> tuple:
+        """The training forward and the PPO loss of some rows (weighted by `loss_weights` `[b, L-1]` if given):
+        (PPOLossOutput, entropy `[b, L-1]`, non-finite flags)."""
         batch = self.plan.prepare(experience.input_ids, experience.attention_mask, experience.mask,
                                   layout=experience.layout, encoder=experience.encoder)
         logprobs, entropy, values, _ = self.plan.forward(self.model, batch, return_entropy=True)
         out = ppo_loss_for(self.config, logprobs, experience.old_logprobs, values.float(), experience.old_values,
-                       experience.advantages, experience.returns, experience.mask, experience.rollout_logprobs)
-        if experience.ref_logprobs is not None:  # GRPO's KL loss, a token mean as the policy loss
-            kl = ops.masked_mean(reference.kl_loss_terms(logprobs, experience.ref_logprobs, self.config.kl_loss_type),
-                                 experience.mask)
+                           experience.advantages, experience.returns, experience.mask, experience.rollout_logprobs,
+                           loss_weights)
+        if experience.ref_logprobs is not None:  # GRPO's KL loss, aggregated as the policy loss
+            kl = reference.aggregate(reference.kl_loss_terms(logprobs, experience.ref_logprobs,
+                                                             self.config.kl_loss_type), experience.mask, loss_weights)
             out = out._replace(loss=out.loss + self.config.kl_loss_coef * kl, kl_loss=kl)
         return out, entropy, step_guard.output_flags(logprobs, values, experience.mask, out.loss)
 

@@ -186,7 +186,9 @@ class TRLMethods:
         ("loss/policy", "policy/ratio", "val/error", ...). A mini-batch whose mean ratio exceeds
         `ratio_threshold` has its losses zeroed, with a warning. `logits` `[B, T, V]` give the entropy."""
         config = self.config
-        out = ppo_epochs.ppo_loss_for(config, logprobs, old_logprobs, vpreds, values, advantages, returns, mask)
+        weights = ppo_epochs.loss_weights_for(config, mask, mask.sum(-1).amax())  # these rows are the mini-batch
+        out = ppo_epochs.ppo_loss_for(config, logprobs, old_logprobs, vpreds, values, advantages, returns, mask,
+                                      loss_weights=weights)
         skip = ppo_epochs.ratio_spikes(out.ratio_mean, config.ratio_threshold)
         if bool(skip):  # TRL warns per mini-batch: a host read `step` itself does not make
             warnings.warn(f"mean ratio {float(out.ratio_mean):.2f} of this mini-batch exceeds ratio_threshold="

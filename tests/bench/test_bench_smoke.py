@@ -18,7 +18,8 @@ import torch
 
 ROOT = Path(__file__).parents[2]
 BENCH = ROOT / "bench"
-OPS = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd", "linear_logprobs")
+OPS = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd", "ppo_loss_gspo_fwd_bwd",
+       "linear_logprobs")
 TITLES = ("logprobs_from_logits — forward", "logprobs_from_logits — forward + backward", "full_kl — forward",
           "kl_penalty_rewards", "## gae", "ppo_loss — forward + backward", "linear_logprobs — forward + backward",
           "PPOTrainer.step, end to end")

@@ -52,6 +52,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert any(c.get("BLOCK_T") == 2048 for c in configs) and any(c.get("DUAL_CLIP") for c in configs)
     assert any(c.get("ROLLOUT_IS") and not c.get("DUAL_CLIP") for c in configs)
     assert any(c.get("ROLLOUT_IS") and c.get("DUAL_CLIP") for c in configs)
+    assert any(c.get("SEQ_RATIO") and c.get("WEIGHTED") for c in configs)  # the objectives beyond TRL's
+    assert any(c.get("WEIGHTED") and not c.get("SEQ_RATIO") for c in configs)
     # rows stream as 128-bit vector loads in every vocab kernel, also when V is odd (rows off 16-byte
     # boundaries, a ragged end: only the first and last block of a row are masked)
     vocab_rows = [row for row in rows if row["case"].startswith("V=") and "BLOCK" in row["config"]]

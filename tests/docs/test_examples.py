@@ -47,8 +47,10 @@ def test_quickstart_runs_on_a_tiny_local_model(gpt2_dir, tokenizer_dir, tmp_path
 
 def test_quickstart_runs_grpo_on_the_plain_lm(gpt2_dir, tokenizer_dir, tmp_path):
     stdout, out = _quickstart(gpt2_dir, tokenizer_dir, tmp_path, "--advantage-estimator", "grpo", "--group-size", "2",
-                              "--kl-loss-coef", "0.1")
-    assert "advantages grpo (group size 2)" in stdout and "peak resident memory" in stdout
+                              "--kl-loss-coef", "0.1", "--loss-aggregation", "seq-mean-token-mean",
+                              "--importance-sampling-level", "sequence")
+    assert "advantages grpo (group size 2), loss seq-mean-token-mean with sequence ratios" in stdout
+    assert "peak resident memory" in stdout
     assert (out / "model" / "config.json").is_file()
 
 

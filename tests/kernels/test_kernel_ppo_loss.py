@@ -16,6 +16,7 @@ from fastppo import ops, reference  # noqa: E402
 from fastppo.kernels import _launch  # noqa: E402
 from fastppo.kernels import ppo_loss as ppo_loss_module  # noqa: E402
 from fastppo.kernels.ppo_loss import ppo_loss  # noqa: E402
+from fastppo.op_outputs import PPOLossSettings  # noqa: E402
 from kernel_utils import kernels_can_run, spy_on  # noqa: E402,F401 (kernels_can_run: autouse fixture)
 from kernel_utils import DEVICE, ON_GPU  # noqa: E402
 from tolerances import tol  # noqa: E402
@@ -73,11 +74,17 @@ def _run(fn, inputs, upstream=UPSTREAM, cliprange=0.2, cliprange_value=0.2, vf_c
     """fn's outputs and the gradients of Σ upstream_i·N·(loss, pg_loss, vf_loss)_i w.r.t. logprobs and values.
 
     The factor N (tokens) keeps per-token gradients O(1), so the float32 atol is not vacuous.
-    `options` (e.g. rollout_is_cap) go to fn as they are.
+    `options` (e.g. rollout_is_cap) go to fn as they are; with `importance_sampling_level`, as a settings record.
     """
     leaves = {k: (v.detach().clone().requires_grad_() if k in ("logprobs", "values") else v) for k, v in inputs.items()}
-    out = fn(**leaves, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, dual_clip=dual_clip,
-             **options)
+    level = options.pop("importance_sampling_level", None)
+    if level is None:
+        out = fn(**leaves, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, dual_clip=dual_clip,
+                 **options)
+    else:  # an option only the settings record holds
+        settings = PPOLossSettings(cliprange, cliprange_value, vf_coef, dual_clip, options.pop("rollout_is_cap", 2.0),
+                                   level)
+        out = fn(**leaves, settings=settings, **options)
     n = inputs["mask"].numel()
     terms = [g * n * x for g, x in zip(upstream, (out.loss, out.pg_loss, out.vf_loss)) if g is not None]
     if terms:

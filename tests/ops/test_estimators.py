@@ -87,3 +87,51 @@ def test_bf16_scores_give_float32_advantages():
     scores = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.bfloat16)
     assert reference.grpo_advantages(scores, 2).dtype == torch.float32
     assert reference.rloo_advantages(scores, 2).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- loss aggregations
+
+
+@pytest.mark.parametrize("aggregation,want", [
+    ("token-mean", [[1 / 4, 0, 0], [1 / 4, 1 / 4, 1 / 4]]),  # 4 tokens
+    ("seq-mean-token-mean", [[1 / 2, 0, 0], [1 / 6, 1 / 6, 1 / 6]]),  # (1/n_i) / 2 rows
+    ("seq-mean-token-sum", [[1 / 2, 0, 0], [1 / 2, 1 / 2, 1 / 2]]),  # 1 / 2 rows
+    ("seq-mean-token-sum-norm", [[1 / 6, 0, 0], [1 / 6, 1 / 6, 1 / 6]]),  # 1 / (2 rows × the longest, 3)
+])
+def test_aggregation_weights_of_rows_of_one_and_three_tokens(aggregation, want):
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    _close(reference.loss_aggregation_weights(mask, aggregation), want)
+
+
+def test_aggregation_weights_over_more_rows_and_a_given_length():
+    """`rows`: the sequences the mean runs over (the trainer's mini-batch, of which these rows are a part);
+    `length`: Dr. GRPO's constant. A row with no token weighs nothing."""
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    _close(reference.loss_aggregation_weights(mask, "seq-mean-token-mean", rows=4), [[1 / 8, 1 / 8, 0], [0, 0, 0]])
+    _close(reference.loss_aggregation_weights(mask, "seq-mean-token-sum-norm", rows=4, length=10),
+           [[1 / 40, 1 / 40, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match="loss_aggregation must be one of"):
+        reference.loss_aggregation_weights(mask, "sum")
+
+
+def test_the_weighted_loss_is_the_aggregation_written_out():
+    """Σ w·ℓ equals each mode's formula on a ragged batch (lengths 2, 5, 1)."""
+    generator = torch.Generator().manual_seed(0)
+    terms = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    for row, n in enumerate((2, 5, 1)):
+        mask[row, :n] = True
+    m, n = mask.double(), mask.double().sum(-1)
+    written = {"token-mean": (terms * m).sum() / m.sum(), "seq-mean-token-mean": ((terms * m).sum(-1) / n).mean(),
+               "seq-mean-token-sum": (terms * m).sum(-1).mean(),
+               "seq-mean-token-sum-norm": ((terms * m).sum(-1) / 5).mean()}
+    for aggregation, want in written.items():
+        got = reference.aggregate(terms, mask, reference.loss_aggregation_weights(mask, aggregation))
+        torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-7, msg=aggregation)
+
+
+def test_gspo_sequence_log_ratio_is_the_masked_row_mean():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    old = torch.tensor([[-1.5, -2.5, 0.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    _close(reference.sequence_log_ratio(logp, old, mask), [0.5, 0.0])  # an empty row: ratio exp(0) = 1

@@ -137,8 +137,10 @@ def test_ppo_loss_rollout_argument_errors_name_the_argument():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="rollout_is_cap must be a finite number > 0"):
             call(rollout_logprobs=torch.zeros(2, 4), rollout_is_cap=bad)
-    for bad in ("2", None, True):
+    for bad in ("2", True):
         with pytest.raises(TypeError, match="rollout_is_cap must be a number"):
             call(rollout_logprobs=torch.zeros(2, 4), rollout_is_cap=bad)
+    rollout = torch.zeros(2, 4)  # None is the default cap, 2.0
+    assert call(rollout_logprobs=rollout, rollout_is_cap=None).loss == call(rollout_logprobs=rollout).loss
     with pytest.raises(ValueError, match="rollout_is_cap"):  # checked also without rollout log-probs
         call(rollout_is_cap=0.0)
