@@ -24,7 +24,7 @@ import os
 from collections import defaultdict
 
 PROVIDER_ORDER = ("eager", "reference", "compile", "fastppo", "fastppo-inplace", "liger", "torch", "triton",
-                  "triton-fused", "padded", "padding-free", "padding-free+budget")
+                  "triton-fused", "triton-grpo", "padded", "padding-free", "padding-free+budget")
 OP_ORDER = ("logprobs_fwd", "logprobs_fwd_bwd", "full_kl", "kl_reward", "gae", "ppo_loss_fwd_bwd",
             "ppo_loss_gspo_fwd_bwd", "linear_logprobs", "step", "step_longest", "ragged")
 OP_TITLES = {

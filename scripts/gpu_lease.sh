@@ -80,7 +80,7 @@ for name in $stages; do
             --benchmark-json "$work/results-tokens.json" ;;
         bench-linear) stage "$name" 50 "${bench[@]}" "linear_logprobs and $not_compile" \
             --benchmark-json "$work/results-linear.json" ;;
-        bench-step) stage "$name" 60 "${bench[@]}" "bench_step and not longest and not 8192" \
+        bench-step) stage "$name" 80 "${bench[@]}" "bench_step and not longest and not 8192" \
             --benchmark-json "$work/results-step.json" ;;
         bench-step-long) stage "$name" 150 "${bench[@]}" "bench_step and not longest and 8192" \
             --benchmark-json "$work/results-step-long.json" ;;

@@ -1,7 +1,8 @@
 """End to end: `PPOTrainer.step` on a small Llama built from a config (no hub), backend="torch" vs "triton".
 
 Variants: "torch" (the reference ops), "triton" (the kernels), "triton-fused" (the kernels with
-`fused_lm_head=True`: log-probs from hidden states, never the [N, V] logits).
+`fused_lm_head=True`: log-probs from hidden states, never the [N, V] logits), "triton-grpo" (the kernels
+with GRPO's advantages in groups of 2: no critic forward or value loss, for the row beside PPO's).
 bench_step: tokens per second (B·(query + response) tokens / median step time), MFU (the
 step's model FLOPs, flops.step_flops, / median step time / the run's measured matmul rate) and
 peak memory at a few response lengths. bench_step_longest (CUDA): the longest response length
@@ -32,7 +33,10 @@ VARIANTS = {  # name → PPOConfig switches
     "torch": dict(backend="torch"),
     "triton": dict(backend="triton"),
     "triton-fused": dict(backend="triton", fused_lm_head=True),
+    # GRPO beside PPO's default GAE: no value head run or trained, groups of 2 answers per query
+    "triton-grpo": dict(backend="triton", advantage_estimator="grpo", group_size=2),
 }
+LONGEST_VARIANTS = ("torch", "triton", "triton-fused")  # the out-of-memory search: the backends, not objectives
 SETTINGS = {
     "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, dtype=torch.bfloat16,
                 batch_size=4, mini_batch_size=2, query_length=32, lengths=[512, 2048, 8192], rounds=3,
@@ -49,7 +53,8 @@ PPO_EPOCHS = 1  # one optimisation pass per step keeps the GPU budget small; the
 def pytest_generate_tests(metafunc):
     settings = SETTINGS[harness.run_mode(metafunc.config)]
     if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", list(VARIANTS))
+        longest = metafunc.function.__name__ == "bench_step_longest"
+        metafunc.parametrize("backend", list(LONGEST_VARIANTS if longest else VARIANTS))
     if "response_length" in metafunc.fixturenames:
         metafunc.parametrize("response_length", settings["lengths"])
 
@@ -110,11 +115,13 @@ def _build_trainer(settings: dict, backend: str, max_length: int, device: torch.
     return PPOTrainer(ppo_config, model, None, _tokenizer())
 
 
-def _batch(settings: dict, response_length: int, device: torch.device):
+def _batch(settings: dict, response_length: int, device: torch.device, group_size: int = 1):
+    """Random queries (each repeated `group_size` times in a row, as a group estimator's batch), responses, scores."""
     generator = torch.Generator().manual_seed(1)
     size, vocab = settings["batch_size"], settings["vocab"]
     queries = [torch.randint(3, vocab, (settings["query_length"],), generator=generator).to(device)
                for _ in range(size)]
+    queries = [queries[i // group_size * group_size] for i in range(size)]
     responses = [torch.randint(3, vocab, (response_length,), generator=generator).to(device) for _ in range(size)]
     scores = torch.randn(size, generator=generator).to(device)
     return queries, responses, scores
@@ -138,7 +145,7 @@ def bench_step(benchmark, bench_env, settings, backend, response_length):
                 dtype=harness.dtype_name(settings["dtype"]), seq_len=response_length, device=str(device),
                 mode=bench_env.mode, tokens_per_step=tokens, ppo_epochs=PPO_EPOCHS,
                 model={k: v for k, v in settings.items() if k in ("hidden", "layers", "heads", "vocab")})
-    batch = _batch(settings, response_length, device)
+    batch = _batch(settings, response_length, device, VARIANTS[backend].get("group_size", 1))
     median_s = time_steps(benchmark, bench_env, lambda: _build_trainer(settings, backend, total_length, device),
                           batch, settings["rounds"])
     flops = step_flops(llama_config(settings, total_length), settings["batch_size"], total_length, PPO_EPOCHS)

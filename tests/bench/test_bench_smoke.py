@@ -46,7 +46,8 @@ def test_bench_suite_runs_in_smoke_mode_and_writes_the_report(tmp_path):
             assert (op, "fastppo") in ran, op
     assert {("step", "torch"), ("step_longest", "torch")} <= ran
     if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
-        assert {("step", "triton"), ("step", "triton-fused"), ("step_longest", "triton-fused")} <= ran
+        assert {("step", "triton"), ("step", "triton-fused"), ("step", "triton-grpo"),
+                ("step_longest", "triton-fused")} <= ran
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         if info["op"] in OPS:
