@@ -72,10 +72,47 @@ def _fsdp_modules(module) -> list:
 
 
 def check_supported(accelerator) -> None:
-    """FSDP1 wraps the policy in flat parameters that generate and the consolidated save do not unpack."""
+    """Refuse a launch accelerate did not set up as asked (`check_launch`), and FSDP1, which wraps the policy in
+    flat parameters that generate and the consolidated save do not unpack."""
+    check_launch(accelerator)
     if is_fsdp(accelerator) and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
         raise ValueError("FSDP: fastppo supports FSDP2 (torch fully_shard) only; set fsdp_version: 2 in the "
                          "accelerate config (examples/accelerate/fsdp2.yaml)")
+
+
+LAUNCH_HELP = ("launch with `accelerate launch` and an accelerate config (multi-GPU DDP, DeepSpeed or FSDP2: "
+               "examples/accelerate/), one process per GPU; on a CPU machine DDP over gloo needs "
+               "PPOConfig(accelerator_kwargs={'cpu': True}) (docs/distributed.md)")
+
+
+def check_launch(accelerator) -> None:
+    """A ValueError, raised alike on every process, where the processes would otherwise train apart or fail deep in
+    a collective: several processes that accelerate set up no distributed training for (`torchrun` without an
+    accelerate config: no gradient would be synchronised); accelerate counting fewer processes than
+    torch.distributed (DeepSpeed on a machine without GPUs: every process believes it is process 0); a launch
+    that asked for DeepSpeed or FSDP (ACCELERATE_USE_*) and got something else."""
+    import os
+
+    kind = accelerator.distributed_type
+    for name, wanted in (("DEEPSPEED", DistributedType.DEEPSPEED), ("FSDP", DistributedType.FSDP)):
+        if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" and kind != wanted:
+            raise ValueError(f"the launch asked for {wanted.value} (ACCELERATE_USE_{name}=true), but accelerate set "
+                             f"up {kind.value}"
+                             + (" (it selects FSDP only where it sees GPUs)" if name == "FSDP" else "")
+                             + f": the policy would train unsharded; {LAUNCH_HELP}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world > 1 and kind == DistributedType.NO:
+        raise ValueError(f"torch.distributed runs {world} processes, but accelerate set up no distributed training "
+                         "for them (distributed_type NO): each would train its own copy of the model, no gradient "
+                         f"synchronised; {LAUNCH_HELP}")
+    if accelerator.num_processes != world or accelerator.process_index != torch.distributed.get_rank():
+        raise ValueError(f"accelerate counts {accelerator.num_processes} process(es) and calls this one "
+                         f"{accelerator.process_index}, but torch.distributed runs {world} and calls it "
+                         f"{torch.distributed.get_rank()} ({kind.value}; under DeepSpeed on a machine without GPUs "
+                         "accelerate picks no process group of its own): the ranks would gather and shard as if "
+                         f"alone; {LAUNCH_HELP}")
 
 
 def configure_deepspeed(accelerator, config) -> None:
@@ -204,6 +241,33 @@ def _fsdp_full_state_dict(unwrapped, main: bool) -> Optional[dict]:
         if main:
             state[key] = value.detach().cpu()
     return state if main else None
+
+
+def full_weights(accelerator, module):
+    """`(key, full tensor)` for every entry of `module.state_dict()`, in its order, each made whole only in its turn
+    (ZeRO-3: that parameter gathered; FSDP2: that DTensor's `full_tensor()`), so no process holds more than one
+    tensor beyond its shards — what a rollout engine's weight sync needs. Every process must draw the same entries
+    in the same order (the gathers are collectives). Elsewhere the module's own tensors, detached."""
+    if not shards_parameters(accelerator):
+        for key, value in module.state_dict().items():
+            yield key, value.detach()
+        return
+    state = module.state_dict(keep_vars=True)
+    if is_fsdp(accelerator):
+        from torch.distributed.tensor import DTensor
+
+        for key, value in state.items():
+            yield key, (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+        return
+    import deepspeed
+
+    for key, value in state.items():
+        if not hasattr(value, "ds_id"):  # a buffer: never partitioned
+            yield key, value.detach()
+            continue
+        with deepspeed.zero.GatheredParameters([value]):
+            whole = value.detach().clone()  # the gathered storage is released when the context ends
+        yield key, whole
 
 
 def checkpoint_layout(accelerator, models) -> contextlib.ExitStack:

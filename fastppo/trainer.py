@@ -33,7 +33,7 @@ from .models import heads, policy
 from .models.value_head import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout
 from .rollout import build_engines
 from .rollout.outputs import draw_lengths, list_output, single_output
-from .training import checks, estimators, inputs, padding, step_guard
+from .training import agreement, checks, estimators, inputs, padding, step_guard
 from .training import stats as step_statistics
 from .training.controllers import AdaptiveKLController, FixedKLController, RunningMoments, prepare_scores
 from .training.experience import Experience, PaddedBatch, Rollout, RowLayout
@@ -189,29 +189,33 @@ class PPOTrainer(TRLMethods):
         tensors for a list, `[n, new]` (0 past a row's end) for a single query. Pass them to
         `step(..., rollout_logprobs=...)`.
         """
-        inputs.check_generate_options(batch_size, return_logprobs, self.is_encoder_decoder)
         single = isinstance(query_tensor, torch.Tensor)
-        if not single or generation_kwargs.get("num_return_sequences", 1) != 1:
-            self._require_pad_token("generate")  # batched queries are left-padded, samples right-padded
-        if self.tokenizer.pad_token_id is not None:
-            generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        if single:
-            queries = [inputs.check_token_ids("query_tensor", query_tensor, self.vocab_size, self.current_device)]
-        else:
-            queries = inputs.check_token_list("query_tensor", query_tensor, self.vocab_size, self.current_device)
-        inputs.check_generation_lengths(queries, single, length_sampler, generation_kwargs,
-                                        checks.max_positions(self.unwrapped_model), self.is_encoder_decoder)
+
+        def check(agree):  # on every process together (agreement): the host's checks, then the ids' one read
+            inputs.check_generate_options(batch_size, return_logprobs, self.is_encoder_decoder)
+            if not single or generation_kwargs.get("num_return_sequences", 1) != 1:
+                self._require_pad_token("generate")  # batched queries are left-padded, samples right-padded
+            if self.tokenizer.pad_token_id is not None:
+                generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            names, queries = inputs.check_queries(query_tensor, self.current_device)
+            inputs.check_generation_lengths(queries, single, length_sampler, generation_kwargs,
+                                            checks.max_positions(self.unwrapped_model), self.is_encoder_decoder)
+            self.rollout_engine.check_kwargs(self.model, generation_kwargs)
+            if generate_ref_response:
+                if self._reference_model() is None:
+                    raise ValueError("generate_ref_response=True: this run has no reference model (init_kl_coef "
+                                     "and kl_loss_coef are 0)")
+                self.hf_engine.check_kwargs(self._reference_model(), generation_kwargs)
+            inputs.check_query_ids(names, queries, self.vocab_size, agree)
+            return queries
+
+        queries = agreement.decided_together(self.accelerator, check)
         return_prompt = return_prompt and not self.is_encoder_decoder  # (TRL: a decoder's sequence has no prompt)
-        self.rollout_engine.check_kwargs(self.model, generation_kwargs)
-        if generate_ref_response:
-            if self._reference_model() is None:
-                raise ValueError("generate_ref_response=True: this run has no reference model (init_kl_coef and "
-                                 "kl_loss_coef are 0)")
-            self.hf_engine.check_kwargs(self._reference_model(), generation_kwargs)
 
         def sample(engine, model):
             lengths = draw_lengths(length_sampler, len(queries), batch_size)
-            with sharding.gathered(self.accelerator, model):  # ZeRO-3/FSDP2: sample from full weights
+            with contextlib.nullcontext() if engine.gathers_own_weights else sharding.gathered(self.accelerator,
+                                                                                                model):
                 samples = engine.generate(model, queries, lengths, batch_size, generation_kwargs, return_logprobs)
             if single:
                 return single_output(queries[0], samples[0], self.tokenizer.pad_token_id, return_prompt,
@@ -249,17 +253,21 @@ class PPOTrainer(TRLMethods):
         gradient-accumulation phase, KL coefficient, scheduler and counters.
         """
         with record_function("fastppo/step"):
-            with record_function("fastppo/check_inputs"):
-                self._require_pad_token("step")
-                checks.check_config_unchanged(self.config, self._config_at_start)
-                batch = inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
-                                                 self.vocab_size, self.current_device, rollout_logprobs,
-                                                 max_length=checks.max_positions(self.unwrapped_model),
-                                                 rollout_correction=self.config.rollout_correction,
-                                                 encoder_decoder=self.is_encoder_decoder,
-                                                 group_size=self.config.group_size)
+            with record_function("fastppo/check_inputs"):  # on every process together (training.agreement)
+                batch = agreement.decided_together(self.accelerator, lambda agree: self._check_step_inputs(
+                    queries, responses, scores, response_masks, rollout_logprobs, agree))
             with self._restored_on_error():
                 return self._step(batch)
+
+    def _check_step_inputs(self, queries, responses, scores, response_masks, rollout_logprobs, agree):
+        self._require_pad_token("step")
+        checks.check_config_unchanged(self.config, self._config_at_start)
+        return inputs.check_step_inputs(queries, responses, scores, response_masks, self.config.batch_size,
+                                        self.vocab_size, self.current_device, rollout_logprobs,
+                                        max_length=checks.max_positions(self.unwrapped_model),
+                                        rollout_correction=self.config.rollout_correction,
+                                        encoder_decoder=self.is_encoder_decoder, group_size=self.config.group_size,
+                                        agree=agree)
 
     @contextlib.contextmanager
     def _restored_on_error(self):

@@ -3,7 +3,8 @@
 One small seam. An engine's `generate(model, queries, max_new_tokens, batch_size, generation_kwargs,
 return_logprobs)` returns, per query, the `Sample`s it drew (`fastppo.rollout.outputs`);
 `check_kwargs(model, generation_kwargs)` refuses what it cannot honour before anything is drawn;
-`weights_changed()` tells it the policy moved. `build_engines` is the one place that picks them:
+`weights_changed()` tells it the policy moved; `gathers_own_weights` says whether, under ZeRO-3/FSDP2, it makes
+the sharded weights whole itself (else the trainer gathers the whole model around its `generate`). `build_engines` is the one place that picks them:
 
 - `HFEngine` (`rollout_engine="hf"`, the default, `hf_engine.py`): the model's own `generate`,
   `batch_size` queries at a time, left-padded — TRL's behaviour and numbers.

@@ -20,6 +20,8 @@ HF_OUTPUT_KWARGS = ("return_dict_in_generate", "output_scores", "output_logits",
 class HFEngine:
     """Hugging Face `generate` on the (unwrapped) value-head model, as TRL's trainer calls it."""
 
+    gathers_own_weights = False  # under ZeRO-3/FSDP2 the trainer gathers the whole model around `generate`
+
     def __init__(self, accelerator, tokenizer, backend: str = "auto"):
         self.accelerator = accelerator
         self.tokenizer = tokenizer  # its pad token fills the left padding (read at each call)

@@ -8,6 +8,13 @@ prefix cache, whose blocks still hold activations of the old weights. Prompts go
 ids (no tokenizer inside vLLM); HF generation kwargs are translated by `fastppo.rollout.sampling`.
 With `enable_sleep_mode=True` in `vllm_kwargs` the engine sleeps (weights offloaded, KV cache
 freed) between `generate` calls, so `step` gets the accelerator's memory back.
+
+With several processes each one builds its own engine, joined to the torch.distributed world the trainer
+already has (vLLM's `distributed_executor_backend="external_launcher"`), and samples its own process's
+queries; `vllm_kwargs["tensor_parallel_size"] = k` makes each k consecutive ranks one engine, which samples
+the queries of all k (gathered within the group) and hands each rank back its own. Seeds: `seed + group`
+(group = rank // k), so the processes draw different samples. Under ZeRO-3 / FSDP2 the weights are pushed
+from the sharded policy one tensor at a time (`sharding.full_weights`): no process holds a second full copy.
 """
 
 from __future__ import annotations
@@ -53,10 +60,14 @@ def import_vllm():
 class VLLMEngine:
     """A `vllm.LLM` holding a copy of the policy's language model, synced before each stale `generate`."""
 
+    gathers_own_weights = True  # sampling needs no gathered policy: `sync` makes the weights whole one at a time
+
     def __init__(self, vllm_kwargs: dict, seed: int, accelerator):
         self.vllm_kwargs = dict(vllm_kwargs)
         self.seed = seed
         self.accelerator = accelerator
+        self.group = None  # tensor parallel over several processes: this rank's group (torch.distributed)
+        self.group_ranks = None
         self.llm = None
         self.stale = True
         self.syncs = 0  # how many times weights were pushed (tests and logs read it)
@@ -84,9 +95,12 @@ class VLLMEngine:
         self._ensure_engine(unwrapped, vllm)
         self._wake()
         if self.stale:
-            self.sync(unwrapped)
-        outputs = self.llm.generate([{"prompt_token_ids": q.tolist()} for q in queries],
-                                    [vllm.SamplingParams(**p) for p in params], use_tqdm=False)
+            self.sync(model)
+        prompts = [{"prompt_token_ids": q.tolist()} for q in queries]
+        mine = slice(0, len(prompts))
+        if self.group is not None:  # one engine over the group: it samples every member's queries at once
+            prompts, params, mine = self._gathered_in_group(prompts, params)
+        outputs = self.llm.generate(prompts, [vllm.SamplingParams(**p) for p in params], use_tqdm=False)[mine]
         self._sleep()
         device = self.accelerator.device
         return [[self._sample(completion, return_logprobs, device) for completion in output.outputs]
@@ -101,14 +115,32 @@ class VLLMEngine:
                                     dtype=torch.float32, device=device)
         return Sample(tokens, logprobs)
 
+    def _gathered_in_group(self, prompts: list, params: list) -> tuple:
+        """The group's prompts and sampling parameters in rank order, and the slice of them that is this rank's."""
+        parts = [None] * len(self.group_ranks)
+        torch.distributed.all_gather_object(parts, (prompts, params), group=self.group)
+        position = self.group_ranks.index(torch.distributed.get_rank())
+        start = sum(len(part[0]) for part in parts[:position])
+        return ([p for part in parts for p in part[0]], [p for part in parts for p in part[1]],
+                slice(start, start + len(prompts)))
+
     @torch.no_grad()
-    def sync(self, unwrapped) -> None:
-        """Push the policy's language-model weights into the engine, then drop its prefix cache."""
-        weights = policy_weights.lm_weights(unwrapped)
-        if self.llm.llm_engine.vllm_config.parallel_config.world_size > 1:
-            weights = [(name, tensor.cpu()) for name, tensor in weights]  # crosses to worker processes
-        with _quiet_rotary_reload():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+    def sync(self, model) -> None:
+        """Push the policy's language-model weights into the engine, then drop its prefix cache. Every process
+        syncs at the same moments (after the same optimizer steps), so their gathers pair up."""
+        unwrapped = sharding.unwrap(self.accelerator, model)
+        parallel = self.llm.llm_engine.vllm_config.parallel_config
+        to_cpu = parallel.world_size > 1 and parallel.distributed_executor_backend != "external_launcher"
+        with contextlib.ExitStack() as stack:
+            if unwrapped.is_peft_model:  # merging an adapter needs its base layers whole (at once, sharded)
+                stack.enter_context(sharding.gathered(self.accelerator, model))
+                weights = policy_weights.lm_weights(unwrapped)
+            else:
+                weights = sharding.full_weights(self.accelerator, unwrapped.pretrained_model)
+            if to_cpu:  # this engine's own worker processes: they receive copies
+                weights = [(name, tensor.cpu()) for name, tensor in weights]
+            with _quiet_rotary_reload():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
         self.stale = False
         self.syncs += 1
@@ -127,6 +159,15 @@ class VLLMEngine:
             dtype=_dtype_name(next(lm.parameters()).dtype),
             seed=self.seed,
         )
+        world = sharding.world_size(self.accelerator)
+        if world > 1:  # one engine per process (or per tensor-parallel group) in the trainer's world
+            tp = int(self.vllm_kwargs.get("tensor_parallel_size", 1))
+            rank = torch.distributed.get_rank()
+            kwargs.update(distributed_executor_backend="external_launcher", seed=self.seed + rank // tp)
+            if tp > 1:  # every process makes every group, in order (new_group is collective)
+                groups = [list(range(g * tp, (g + 1) * tp)) for g in range(world // tp)]
+                made = [torch.distributed.new_group(ranks) for ranks in groups]
+                self.group, self.group_ranks = made[rank // tp], groups[rank // tp]
         if self.accelerator.device.type == "cuda":
             kwargs["gpu_memory_utilization"] = GPU_MEMORY_UTILIZATION
         elif "kv_cache_memory_bytes" not in self.vllm_kwargs and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:

@@ -102,9 +102,16 @@ def check_environment(config, accelerator, model, ref_model, num_shared_layers, 
                          "of backward passes, which token-budget micro-batches vary; leave it None under DeepSpeed")
     _check_encoder_decoder(config, accelerator, model, ref_model, head_mode)
     processes = sharding.world_size(accelerator)
-    if config.rollout_engine == "vllm" and processes > 1:
-        raise ValueError("PPOConfig.rollout_engine='vllm' runs one colocated engine in a single process; "
-                         f"this run has {processes} processes (not supported yet)")
+    if config.rollout_engine == "vllm" and processes > 1:  # one engine per process, or per tensor-parallel group
+        tp = config.vllm_kwargs.get("tensor_parallel_size", 1)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or processes % tp:
+            raise ValueError(f"PPOConfig.vllm_kwargs['tensor_parallel_size']={tp!r} must be a positive integer that "
+                             f"divides the {processes} processes: each group of that many ranks shares one engine")
+        backend = config.vllm_kwargs.get("distributed_executor_backend", "external_launcher")
+        if backend != "external_launcher":
+            raise ValueError(f"PPOConfig.vllm_kwargs['distributed_executor_backend']={backend!r}: with several "
+                             "processes each one's engine joins the trainer's world ('external_launcher', the "
+                             "default); leave it unset")
 
 
 def drop_unneeded_reference(config, ref_model, num_shared_layers):

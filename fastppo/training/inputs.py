@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import host_index, padding
+from .agreement import read_verdicts
 
 
 class StepInputs(NamedTuple):
@@ -52,17 +53,9 @@ def move_all(tensors: Sequence[torch.Tensor], device: torch.device, dtype: Optio
     return moved
 
 
-def check_token_ids(name: str, tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """One 1-D, non-empty integer tensor of ids in [0, vocab_size), returned as int64 on `device`."""
-    checked = move_all([_token_tensor(name, tensor, device)], device, torch.long)[0]
-    _check_vocabulary([name], [checked], vocab_size)
-    return checked
-
-
-def check_token_list(name: str, value, vocab_size: Optional[int], device: torch.device,
-                     batch_size: Optional[int] = None) -> list:
-    """A list of 1-D token-id tensors (see `check_token_ids`), of `batch_size` items if given
-    (`vocab_size=None`: the ids' range is left to the caller, see `out_of_vocabulary`)."""
+def check_token_list(name: str, value, device: torch.device, batch_size: Optional[int] = None) -> list:
+    """A list of 1-D, non-empty integer tensors as int64 on `device`, of `batch_size` items if given (the ids'
+    range is the caller's to check, with the other values in one read: `out_of_vocabulary`)."""
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{name} must be a list of 1-D token-id tensors, got {type(value).__name__}")
     if batch_size is not None and len(value) != batch_size:
@@ -70,11 +63,8 @@ def check_token_list(name: str, value, vocab_size: Optional[int], device: torch.
     if len(value) == 0:
         raise ValueError(f"{name} is an empty list")
     names = [f"{name}[{i}]" for i in range(len(value))]
-    checked = move_all([_token_tensor(item_name, tensor, device) for item_name, tensor in zip(names, value)],
-                       device, torch.long)
-    if vocab_size is not None:
-        _check_vocabulary(names, checked, vocab_size)
-    return checked
+    return move_all([_token_tensor(item_name, tensor, device) for item_name, tensor in zip(names, value)],
+                    device, torch.long)
 
 
 def _token_tensor(name: str, tensor, device: torch.device) -> torch.Tensor:
@@ -97,11 +87,8 @@ def out_of_vocabulary(tensors: list, vocab_size: int) -> torch.Tensor:
     return ((ids < 0) | (ids >= vocab_size)).any()
 
 
-def _check_vocabulary(names: list, tensors: list, vocab_size: int, known_bad: Optional[bool] = None) -> None:
-    """All ids in [0, vocab_size): one host sync for the whole list (none if `known_bad` was read with others);
-    the slow path names the culprit."""
-    if known_bad is None:
-        known_bad = bool(out_of_vocabulary(tensors, vocab_size))
+def _check_vocabulary(names: list, tensors: list, vocab_size: int, known_bad: bool) -> None:
+    """All ids in [0, vocab_size), given `known_bad` (read with the other values): the slow path names the culprit."""
     if known_bad:
         for name, tensor in zip(names, tensors):
             low, high = int(tensor.min()), int(tensor.max())
@@ -227,6 +214,21 @@ def check_lengths(names: str, lengths: Sequence[int], max_length: Optional[int],
                              f"{max_length} positions (its config's max_position_embeddings)")
 
 
+def check_queries(query_tensor, device: torch.device) -> tuple:
+    """`generate`'s query (a 1-D tensor) or queries (a list of them) → `(names, int64 tensors on device)`; their
+    ids are checked against the vocabulary by `check_query_ids`, after every host-side check of `generate`."""
+    if isinstance(query_tensor, torch.Tensor):
+        return ["query_tensor"], move_all([_token_tensor("query_tensor", query_tensor, device)], device, torch.long)
+    queries = check_token_list("query_tensor", query_tensor, device)
+    return [f"query_tensor[{i}]" for i in range(len(queries))], queries
+
+
+def check_query_ids(names: list, queries: list, vocab_size: int, agree=read_verdicts) -> None:
+    """The queries' ids in [0, vocab_size): one read (through `agree`, see `check_step_inputs`)."""
+    bad = agree(out_of_vocabulary(queries, vocab_size)[None])
+    _check_vocabulary(names, queries, vocab_size, bad[0])
+
+
 def check_generate_options(batch_size, return_logprobs, encoder_decoder: bool) -> None:
     """`generate`'s `batch_size` (a positive int) and `return_logprobs` (a bool; not for encoder-decoder models)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -294,15 +296,16 @@ def _check_groups(queries: list, group_size: int, known_bad: bool) -> None:
 def check_step_inputs(queries, responses, scores, response_masks, batch_size: int, vocab_size: int,
                       device: torch.device, rollout_logprobs=None, max_length: Optional[int] = None,
                       rollout_correction: Optional[str] = None, encoder_decoder: bool = False,
-                      group_size: int = 1) -> StepInputs:
+                      group_size: int = 1, agree=read_verdicts) -> StepInputs:
     """All of `step`'s arguments, checked and moved to `device`; each query + response at most `max_length`
     (`encoder_decoder`: each query and each response, which must hold the decoder's start token and two more);
     `rollout_logprobs` required by a `rollout_correction`; with `group_size` > 1 each group of that many consecutive
     rows shares one query. The values (ids in the vocabulary, finite scores,
-    0/1 masks, log-probs ≤ 0) are checked on the device and read back together: one host read, after which
-    only a bad batch pays for the messages that name the culprit."""
-    queries = check_token_list("queries", queries, None, device, batch_size)
-    responses = check_token_list("responses", responses, None, device, batch_size)
+    0/1 masks, log-probs ≤ 0) are checked on the device and read back together by `agree` (with several
+    processes, `agreement.decided_together`'s: every process's verdicts in one read), after which only a bad
+    batch pays for the messages that name the culprit."""
+    queries = check_token_list("queries", queries, device, batch_size)
+    responses = check_token_list("responses", responses, device, batch_size)
     if encoder_decoder:
         _check_decoder_rows(queries, responses, max_length, rollout_logprobs)
     else:
@@ -319,7 +322,7 @@ def check_step_inputs(queries, responses, scores, response_masks, batch_size: in
     flags += [bad_response_masks(masks)] if masks is not None else []
     flags += [bad_rollout_logprobs(rollout_logprobs)] if rollout_logprobs is not None else []
     flags += [_group_mismatch(queries, group_size)] if group_size > 1 else []
-    bad = torch.stack(flags).tolist()  # the one read
+    bad = agree(torch.stack(flags))  # the one read
     if group_size > 1:
         _check_groups(queries, group_size, bad.pop())
     _check_vocabulary([f"queries[{i}]" for i in range(len(queries))], queries, vocab_size, bad[0])

@@ -119,3 +119,60 @@ def test_quickstart_runs_on_the_vllm_engine(llama_dir, tokenizer_dir, tmp_path):
     gap = float(result.stdout.split("engine vs policy log-probs: max |diff| ")[1].split()[0])
     assert gap <= SYNCED
     assert (out / "model" / "config.json").is_file() and "AutoModelForCausalLM" in result.stdout
+
+
+DISTRIBUTED_SCRIPT = Path(__file__).parent / "vllm_distributed_scenarios.py"
+ACCELERATE_CONFIGS = Path(__file__).parents[2] / "examples" / "accelerate"
+
+
+def run_on_two_processes(backend, scenario, model_dir, tokenizer_dir, out_dir, port) -> list:
+    """Each rank's JSON of vllm_distributed_scenarios.py under `accelerate launch` (2 CPU processes, gloo)."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", FASTPPO_BACKEND="torch")
+    if backend == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"
+        launch = ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
+    else:
+        launch = ["--config_file", str(ACCELERATE_CONFIGS / f"{backend}.yaml")]
+    command = [accelerate, "launch", *launch, "--num_processes", "2", "--mixed_precision", "no",
+               "--main_process_port", str(port), str(DISTRIBUTED_SCRIPT), scenario, model_dir, tokenizer_dir,
+               str(out_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return [json.loads((Path(out_dir) / f"rank{r}-{scenario}.json").read_text()) for r in (0, 1)]
+
+
+def check_distributed(ranks, distributed_type):
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["distributed_type"] == distributed_type
+        for index, record in enumerate(rank["rounds"]):
+            assert record["syncs"] == 1 and record["lengths_match"]
+            assert record["gap"] <= SYNCED and record["step_gap"] <= SYNCED  # each rank's engine is its policy
+        assert rank["unsynced_gap"] > CHANGED  # the control: without the sync the engine lags behind
+        assert rank["greedy_vllm"] == rank["greedy_hf"]
+    for first, second in zip(ranks[0]["rounds"], ranks[1]["rounds"]):
+        assert first["weights_sum"] == pytest.approx(second["weights_sum"], rel=1e-9)  # the replicas agree
+
+
+@pytest.mark.parametrize("backend,distributed_type", [("ddp", "MULTI_CPU"), ("zero3", "DEEPSPEED"),
+                                                      ("fsdp2", "FSDP")])
+def test_vllm_on_every_process(llama_dir, tokenizer_dir, tmp_path, backend, distributed_type):
+    """One engine per process, synced after every step from the full weights (ZeRO-3 and FSDP2: made whole one
+    tensor at a time); each process samples its own queries, with a seed of its own."""
+    if backend == "zero3":
+        pytest.importorskip("deepspeed")
+    ranks = run_on_two_processes(backend, "sync", llama_dir, tokenizer_dir, tmp_path, 29591)
+    check_distributed(ranks, distributed_type)
+    if backend != "ddp":  # the policy is sharded: each process holds about half of it
+        assert all(rank["local_numel"] < 0.75 * rank["numel"] for rank in ranks)
+    assert ranks[0]["shared_draw"] != ranks[1]["shared_draw"]  # seeds differ per rank
+
+
+def test_vllm_tensor_parallel_over_two_processes(llama_dir, tokenizer_dir, tmp_path):
+    """tensor_parallel_size=2: one engine over both processes samples both ranks' queries, each rank gets its own."""
+    ranks = run_on_two_processes("ddp", "tp2", llama_dir, tokenizer_dir, tmp_path, 29593)
+    check_distributed(ranks, "MULTI_CPU")
+    assert ranks[0]["shared_draw"] == ranks[1]["shared_draw"]  # one engine, one seed: the same draw

@@ -1,0 +1,97 @@
+"""Runs a vLLM rollout scenario on each of 2 processes (`accelerate launch`, gloo) and writes each rank's JSON.
+
+`tests/rollout/test_vllm_rollouts.py` launches it under DDP, ZeRO-3 or FSDP2 (the launch config decides):
+
+    accelerate launch ... tests/rollout/vllm_distributed_scenarios.py SCENARIO MODEL_DIR TOKENIZER_DIR OUT_DIR
+
+`sync`: one engine per process; 3 rounds of generate (this rank's own queries) → step at a high learning rate,
+each rank recording how far its engine's log-probs are from its policy's; then a control whose sync is skipped,
+greedy vLLM against greedy HF, and one sampled draw of the same queries on both ranks (seeds differ per rank).
+`tp2`: the same rounds with `tensor_parallel_size=2`, one engine over both processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "distributed")]
+os.environ.setdefault("FASTPPO_BACKEND", "torch")
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, sharding  # noqa: E402
+from sharded_scenarios import correct_cpu_deepspeed_state, select_fsdp_on_cpu  # noqa: E402
+from vllm_scenarios import SAMPLING, max_gap, policy_logprobs  # noqa: E402
+
+RANK_QUERIES = {0: [[5, 6, 7], [9, 10]], 1: [[11, 12, 13, 14], [20, 21]]}  # each rank's own
+SHARED_QUERIES = [[30, 31, 32], [40]]
+VLLM_KWARGS = {"max_model_len": 128, "enforce_eager": True, "kv_cache_memory_bytes": 1 << 26}
+
+
+def build(model_dir: str, tokenizer_dir: str, **vllm_kwargs) -> PPOTrainer:
+    torch.set_num_threads(1)
+    correct_cpu_deepspeed_state()
+    select_fsdp_on_cpu()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
+    ddp = os.environ.get("ACCELERATE_USE_CPU", "false") == "true"
+    config = PPOConfig(batch_size=2, mini_batch_size=1, ppo_epochs=2, learning_rate=1e-2, init_kl_coef=0.05, seed=0,
+                       max_grad_norm=None, rollout_engine="vllm", vllm_kwargs={**VLLM_KWARGS, **vllm_kwargs},
+                       accelerator_kwargs={"cpu": True} if ddp else {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    return PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
+
+
+def weights_sum(trainer) -> float:
+    return float(sum(tensor.double().sum() for _, tensor in sharding.full_weights(
+        trainer.accelerator, trainer.unwrapped_model.pretrained_model)))
+
+
+def rounds(trainer, queries, count: int) -> list:
+    records = []
+    for _ in range(count):
+        syncs = trainer.rollout_engine.syncs
+        responses, logprobs = trainer.generate(queries, return_prompt=False, return_logprobs=True, **SAMPLING)
+        gap = max_gap(logprobs, policy_logprobs(trainer, queries, responses))
+        scores = [torch.tensor(float(len(r) % 3)) for r in responses]
+        stats = trainer.step(queries, responses, scores, rollout_logprobs=logprobs)
+        records.append({"gap": gap, "syncs": trainer.rollout_engine.syncs - syncs,
+                        "step_gap": stats["rollout/logprob_diff_max"], "weights_sum": weights_sum(trainer),
+                        "lengths_match": all(len(r) == len(lp) for r, lp in zip(responses, logprobs))})
+    return records
+
+
+def main(scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str) -> None:
+    tp = 2 if scenario == "tp2" else 1
+    trainer = build(model_dir, tokenizer_dir, **({"tensor_parallel_size": tp} if tp > 1 else {}))
+    rank = torch.distributed.get_rank()
+    queries = [torch.tensor(q) for q in RANK_QUERIES[rank]]
+    report = {"world_size": trainer.config.world_size, "distributed_type": trainer.accelerator.distributed_type.value,
+              "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters()),
+              "numel": sum(t.numel() for _, t in sharding.full_weights(trainer.accelerator, trainer.unwrapped_model)),
+              "rounds": rounds(trainer, queries, 3)}
+    # the control: a step the engine is not told of leaves its log-probs stale
+    responses, logprobs = trainer.generate(queries, return_prompt=False, return_logprobs=True, **SAMPLING)
+    trainer.step(queries, responses, [torch.tensor(1.0)] * 2, rollout_logprobs=logprobs)
+    trainer.rollout_engine.stale = False
+    responses, logprobs = trainer.generate(queries, return_prompt=False, return_logprobs=True, **SAMPLING)
+    report["unsynced_gap"] = max_gap(logprobs, policy_logprobs(trainer, queries, responses))
+    trainer.rollout_engine.weights_changed()
+    greedy = dict(do_sample=False, max_new_tokens=8, eos_token_id=None)
+    report["greedy_vllm"] = [t.tolist() for t in trainer.generate(queries, return_prompt=False, **greedy)]
+    with sharding.gathered(trainer.accelerator, trainer.model):  # HF generate samples from the whole weights
+        samples = trainer.hf_engine.generate(trainer.model, queries, None, 2, dict(greedy, pad_token_id=0))
+    report["greedy_hf"] = [s[0].tokens.tolist() for s in samples]
+    shared = [torch.tensor(q) for q in SHARED_QUERIES]
+    report["shared_draw"] = [t.tolist() for t in trainer.generate(shared, return_prompt=False, **SAMPLING)]
+    with open(os.path.join(out_dir, f"rank{rank}-{scenario}.json"), "w") as handle:
+        json.dump(report, handle)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
