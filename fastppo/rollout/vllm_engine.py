@@ -68,6 +68,8 @@ class VLLMEngine:
         self.accelerator = accelerator
         self.group = None  # tensor parallel over several processes: this rank's group (torch.distributed)
         self.group_ranks = None
+        self.engine_seed = seed  # of the engine's own random stream: seed + group with several processes
+        self._rng_states = None
         self.llm = None
         self.stale = True
         self.syncs = 0  # how many times weights were pushed (tests and logs read it)
@@ -100,7 +102,8 @@ class VLLMEngine:
         mine = slice(0, len(prompts))
         if self.group is not None:  # one engine over the group: it samples every member's queries at once
             prompts, params, mine = self._gathered_in_group(prompts, params)
-        outputs = self.llm.generate(prompts, [vllm.SamplingParams(**p) for p in params], use_tqdm=False)[mine]
+        with self._own_rng():
+            outputs = self.llm.generate(prompts, [vllm.SamplingParams(**p) for p in params], use_tqdm=False)[mine]
         self._sleep()
         device = self.accelerator.device
         return [[self._sample(completion, return_logprobs, device) for completion in output.outputs]
@@ -163,7 +166,8 @@ class VLLMEngine:
         if world > 1:  # one engine per process (or per tensor-parallel group) in the trainer's world
             tp = int(self.vllm_kwargs.get("tensor_parallel_size", 1))
             rank = torch.distributed.get_rank()
-            kwargs.update(distributed_executor_backend="external_launcher", seed=self.seed + rank // tp)
+            self.engine_seed = self.seed + rank // tp
+            kwargs.update(distributed_executor_backend="external_launcher", seed=self.engine_seed)
             if tp > 1:  # every process makes every group, in order (new_group is collective)
                 groups = [list(range(g * tp, (g + 1) * tp)) for g in range(world // tp)]
                 made = [torch.distributed.new_group(ranks) for ranks in groups]
@@ -176,6 +180,26 @@ class VLLMEngine:
         with _rng_kept():  # vLLM seeds the global generators; the trainer's streams must not move
             self.llm = vllm.LLM(**kwargs)
         self.stale = True
+
+    @contextlib.contextmanager
+    def _own_rng(self):
+        """The engine's own random stream around sampling: vLLM draws unseeded requests from torch's global
+        generators, which the trainer seeded alike on every process. In its own stream (seeded with
+        `engine_seed`, carried on from call to call) each process — each tensor-parallel group — samples
+        differently, the same run after run, and the trainer's streams do not move."""
+        cuda = self.accelerator.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.accelerator.device] if cuda else []):
+            if self._rng_states is None:
+                torch.manual_seed(self.engine_seed)
+            else:
+                torch.set_rng_state(self._rng_states[0])
+                if cuda:
+                    torch.cuda.set_rng_state(self._rng_states[1], self.accelerator.device)
+            try:
+                yield
+            finally:
+                self._rng_states = (torch.get_rng_state(),
+                                    torch.cuda.get_rng_state(self.accelerator.device) if cuda else None)
 
     def _wake(self) -> None:
         if self.sleeping:

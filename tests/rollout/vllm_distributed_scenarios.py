@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "distributed")]
 os.environ.setdefault("FASTPPO_BACKEND", "torch")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, sharding  # noqa: E402
 from sharded_scenarios import correct_cpu_deepspeed_state, select_fsdp_on_cpu  # noqa: E402
-from vllm_scenarios import SAMPLING, max_gap, policy_logprobs  # noqa: E402
+from vllm_scenarios import SAMPLING, max_gap  # noqa: E402
+from vllm_scenarios import policy_logprobs as unsharded_policy_logprobs  # noqa: E402
 
 RANK_QUERIES = {0: [[5, 6, 7], [9, 10]], 1: [[11, 12, 13, 14], [20, 21]]}  # each rank's own
 SHARED_QUERIES = [[30, 31, 32], [40]]
@@ -45,6 +48,12 @@ def build(model_dir: str, tokenizer_dir: str, **vllm_kwargs) -> PPOTrainer:
                        accelerator_kwargs={"cpu": True} if ddp else {})
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     return PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
+
+
+def policy_logprobs(trainer, queries, responses) -> list:
+    """The policy's own log-probs of the responses, from its whole weights (gathered under ZeRO-3 / FSDP2)."""
+    with sharding.gathered(trainer.accelerator, trainer.model):
+        return unsharded_policy_logprobs(trainer, queries, responses)
 
 
 def weights_sum(trainer) -> float:
@@ -71,10 +80,15 @@ def main(scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str) -> Non
     trainer = build(model_dir, tokenizer_dir, **({"tensor_parallel_size": tp} if tp > 1 else {}))
     rank = torch.distributed.get_rank()
     queries = [torch.tensor(q) for q in RANK_QUERIES[rank]]
+    # the engine's construction, first sync and sampling leave the trainer's random streams where they were
+    streams = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    first = [t.tolist() for t in trainer.generate([torch.tensor(q) for q in SHARED_QUERIES], **SAMPLING)]
+    kept = (torch.equal(streams[0], torch.get_rng_state()) and (streams[1] == np.random.get_state()[1]).all()
+            and streams[2] == random.getstate())
     report = {"world_size": trainer.config.world_size, "distributed_type": trainer.accelerator.distributed_type.value,
               "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters()),
               "numel": sum(t.numel() for _, t in sharding.full_weights(trainer.accelerator, trainer.unwrapped_model)),
-              "rounds": rounds(trainer, queries, 3)}
+              "rng_kept": bool(kept), "first_draw": first, "rounds": rounds(trainer, queries, 3)}
     # the control: a step the engine is not told of leaves its log-probs stale
     responses, logprobs = trainer.generate(queries, return_prompt=False, return_logprobs=True, **SAMPLING)
     trainer.step(queries, responses, [torch.tensor(1.0)] * 2, rollout_logprobs=logprobs)
