@@ -170,6 +170,17 @@ def verified_directory(accelerator, input_dir) -> str:
     return _agree(accelerator, value=found, error=error)
 
 
+def read_trainer_state(directory: str) -> dict:
+    """The trainer's counters of a verified checkpoint, every entry parsed before anything is loaded (so a missing
+    one cannot leave a half-loaded trainer): kl_coef, running, current_step, highest_reward, compare_step."""
+    with open(os.path.join(directory, TRAINER_STATE)) as handle:
+        state = json.load(handle)
+    return {"kl_coef": float(state["kl_coef"]), "running": dict(state["running"]),
+            "current_step": int(state["current_step"]),
+            "highest_reward": float(state.get("highest_reward", float("-inf"))),
+            "compare_step": int(state.get("compare_step", 0))}
+
+
 def locate(target: str) -> str:
     """`target` if it verifies; where an interrupted swap left the checkpoint if `target` is missing."""
     target = _target(target)

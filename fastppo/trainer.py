@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
 import time
 import warnings
 from typing import Callable, Optional
@@ -442,16 +440,10 @@ class PPOTrainer(TRLMethods):
         fail partway through accelerate's loading: the check is of the files, not of their fit.)
         """
         directory = checkpointing.verified_directory(self.accelerator, input_dir)
-        with open(os.path.join(directory, checkpointing.TRAINER_STATE)) as handle:
-            state = json.load(handle)
-        # read before any loading, so that a missing entry cannot leave a half-loaded trainer
-        kl_coef, running, current_step = float(state["kl_coef"]), dict(state["running"]), int(state["current_step"])
-        highest_reward = float(state.get("highest_reward", -math.inf))
-        compare_step = int(state.get("compare_step", 0))
+        state = checkpointing.read_trainer_state(directory)
         with sharding.checkpoint_layout(self.accelerator, (self.model, self.ref_model)):
             self.accelerator.load_state(directory)
         self.rollout_engine.weights_changed()
-        self.kl_ctl.value = kl_coef
-        self.running.load_state_dict(running)
-        self.current_step = current_step
-        self.highest_reward, self._compare_step = highest_reward, compare_step
+        self.kl_ctl.value, self.current_step = state["kl_coef"], state["current_step"]
+        self.running.load_state_dict(state["running"])
+        self.highest_reward, self._compare_step = state["highest_reward"], state["compare_step"]
