@@ -156,6 +156,16 @@ def bench():
                     sys.modules.pop(path.stem, None)
 
 
+def record_experience(monkeypatch) -> list:
+    """The `Experience` each step trains on, appended to the returned list as the PPO epochs receive it."""
+    from fastppo.training import ppo_epochs
+
+    seen, run = [], ppo_epochs.PPOEpochs.run
+    monkeypatch.setattr(ppo_epochs.PPOEpochs, "run", lambda self, experience: (seen.append(experience),
+                                                                               run(self, experience))[1])
+    return seen
+
+
 def assert_same_training(baseline, candidate, weights_tolerance: dict) -> None:
     """Two runs of `(trainer, [(stats, response mask), ...])` agree: every statistic (log-prob
     histograms at response positions only; per-position distributions skipped) and every weight."""

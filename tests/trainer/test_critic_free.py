@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_batch
+from conftest import make_batch, record_experience
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, reference
-from fastppo.training import ppo_epochs
 
 ESTIMATORS = ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 
@@ -24,17 +23,9 @@ def _trainer(model_dir, tokenizer, **config_kwargs):
     return PPOTrainer(config, AutoModelForCausalLMWithValueHead.from_pretrained(model_dir), None, tokenizer)
 
 
-def _recording_experience(monkeypatch):
-    seen = []
-    run = ppo_epochs.PPOEpochs.run
-    monkeypatch.setattr(ppo_epochs.PPOEpochs, "run", lambda self, experience: (seen.append(experience),
-                                                                               run(self, experience))[1])
-    return seen
-
-
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_the_advantages_trained_on_and_no_critic(gpt2_dir, tokenizer, monkeypatch, estimator):
-    seen = _recording_experience(monkeypatch)
+    seen = record_experience(monkeypatch)
     trainer = _trainer(gpt2_dir, tokenizer, advantage_estimator=estimator, group_size=2, gamma=0.9)
     v_head = trainer.unwrapped_model.v_head
     calls = []
@@ -65,7 +56,7 @@ def test_the_advantages_trained_on_and_no_critic(gpt2_dir, tokenizer, monkeypatc
 
 
 def test_a_group_whose_scores_are_equal_gets_zero_advantage(gpt2_dir, tokenizer, monkeypatch):
-    seen = _recording_experience(monkeypatch)
+    seen = record_experience(monkeypatch)
     trainer = _trainer(gpt2_dir, tokenizer, advantage_estimator="grpo", group_size=2)
     queries, responses, _ = _grouped_batch(tokenizer)
     stats = trainer.step(queries, responses, [torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0),
@@ -77,7 +68,7 @@ def test_a_group_whose_scores_are_equal_gets_zero_advantage(gpt2_dir, tokenizer,
 
 def test_the_reward_kl_enters_a_responses_reward(gpt2_dir, tokenizer, monkeypatch):
     """With init_kl_coef > 0 a response's reward is its token rewards' sum: score plus the KL penalty (veRL's)."""
-    seen = _recording_experience(monkeypatch)
+    seen = record_experience(monkeypatch)
     trainer = _trainer(gpt2_dir, tokenizer, advantage_estimator="rloo", group_size=2, init_kl_coef=0.2, ppo_epochs=2)
     batches = [_grouped_batch(tokenizer, seed=seed) for seed in (0, 1)]
     stats = [trainer.step(*batch) for batch in batches][1]

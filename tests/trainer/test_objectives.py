@@ -10,29 +10,18 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import assert_same_training, make_batch
+from conftest import assert_same_training, make_batch, record_experience
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from fastppo.models import varlen_attention
-from fastppo.training import ppo_epochs
 
 LR, EPOCHS = 0.5, 2
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 SGD_WEIGHTS = dict(atol=1e-5, rtol=1e-4)
-needs_packing = pytest.mark.skipif(not varlen_attention.AVAILABLE,
-                                   reason=f"no packed passes: {varlen_attention.UNAVAILABLE}")
 
 
 def _grouped_batch(tokenizer, rows=4, size=2, seed=0, max_response=7):
     queries, responses, scores = make_batch(tokenizer, rows, seed=seed, max_response=max_response)
     return [queries[(i // size) * size] for i in range(rows)], responses, scores
-
-
-def _recorded_experience(monkeypatch):
-    seen = []
-    run = ppo_epochs.PPOEpochs.run
-    monkeypatch.setattr(ppo_epochs.PPOEpochs, "run", lambda self, experience: (seen.append(experience),
-                                                                               run(self, experience))[1])
-    return seen
 
 
 def _sgd_trainer(model_dir, tokenizer, **config_kwargs):
@@ -121,7 +110,7 @@ CASES = ([("grpo", name) for name in OBJECTIVES]
                          + [("gae", "gspo", "triton")])
 def test_sgd_moves_the_weights_by_the_documented_gradient(gpt2_dir, tokenizer, monkeypatch, estimator, objective,
                                                           backend):
-    seen = _recorded_experience(monkeypatch)
+    seen = record_experience(monkeypatch)
     trainer, initial = _sgd_trainer(gpt2_dir, tokenizer, advantage_estimator=estimator, backend=backend,
                                     **OBJECTIVES[objective])
     stats = trainer.step(*_grouped_batch(tokenizer))
@@ -140,7 +129,7 @@ def test_sgd_moves_the_weights_by_the_documented_gradient(gpt2_dir, tokenizer, m
 def test_the_documented_losses_differ(gpt2_dir, tokenizer, monkeypatch):
     """The SGD test can tell the objectives apart: each one's weights differ from TRL's token mean by far more
     than its tolerance."""
-    seen = _recorded_experience(monkeypatch)
+    seen = record_experience(monkeypatch)
     trainer, initial = _sgd_trainer(gpt2_dir, tokenizer, advantage_estimator="grpo")
     trainer.step(*_grouped_batch(tokenizer))
     plain = _expected_weights(trainer.config, initial, seen[0])
@@ -156,7 +145,7 @@ def test_the_documented_losses_differ(gpt2_dir, tokenizer, monkeypatch):
 
 
 def test_tis_with_grpo_weights_each_token(gpt2_dir, tokenizer, monkeypatch):
-    seen = _recorded_experience(monkeypatch)
+    seen = record_experience(monkeypatch)
     trainer, initial = _sgd_trainer(gpt2_dir, tokenizer, advantage_estimator="grpo", rollout_correction="tis",
                                     rollout_is_cap=1.2, loss_aggregation="seq-mean-token-mean")
     queries, responses, scores = _grouped_batch(tokenizer)
