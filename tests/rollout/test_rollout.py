@@ -277,9 +277,17 @@ def test_lm_weights_merge_lora_like_merge_and_unload(model_dirs, targets):
         assert torch.equal(tensor, before[name]), name  # the model itself is untouched
 
 
-def test_vllm_engine_is_refused_with_several_processes(gpt2_dir, tokenizer, fake_vllm, monkeypatch):
+def test_vllm_engine_settings_refused_with_several_processes(gpt2_dir, tokenizer, fake_vllm, monkeypatch):
+    """Several processes: one engine each (built at the first generate), or one per tensor-parallel group that
+    divides them; the engine joins the trainer's world, so another executor backend is refused. (The engines
+    themselves run on two processes in tests/rollout/test_vllm_rollouts.py.)"""
     from accelerate import Accelerator
 
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
-    with pytest.raises(ValueError, match="rollout_engine='vllm' runs one colocated engine"):
-        make_trainer(gpt2_dir, tokenizer, rollout_engine="vllm")
+    for kwargs in ({}, {"tensor_parallel_size": 2}):
+        make_trainer(gpt2_dir, tokenizer, rollout_engine="vllm", vllm_kwargs=kwargs)
+    for size in (3, 0, "2"):
+        with pytest.raises(ValueError, match=r"vllm_kwargs\['tensor_parallel_size'\]=.* must be a positive integer"):
+            make_trainer(gpt2_dir, tokenizer, rollout_engine="vllm", vllm_kwargs={"tensor_parallel_size": size})
+    with pytest.raises(ValueError, match=r"vllm_kwargs\['distributed_executor_backend'\]='mp'"):
+        make_trainer(gpt2_dir, tokenizer, rollout_engine="vllm", vllm_kwargs={"distributed_executor_backend": "mp"})
