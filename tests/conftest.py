@@ -156,6 +156,17 @@ def bench():
                     sys.modules.pop(path.stem, None)
 
 
+def end_process_group() -> None:
+    """For the multi-process scripts: tear torch.distributed down before the interpreter exits. Left to the
+    interpreter's exit, gloo's threads once aborted a finished run ("terminate called without an active
+    exception", SIGABRT, after its last file was written)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def record_experience(monkeypatch) -> list:
     """The `Experience` each step trains on, appended to the returned list as the PPO epochs receive it."""
     from fastppo.training import ppo_epochs

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from fastppo import AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
+from conftest import end_process_group  # noqa: E402
+from fastppo import AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer  # noqa: E402
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -40,3 +42,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
-from conftest import make_batch  # noqa: E402
+from conftest import end_process_group, make_batch  # noqa: E402
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, sharding  # noqa: E402
 
 
@@ -105,3 +105,4 @@ def main(scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str) -> Non
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    end_process_group()
