@@ -22,7 +22,6 @@ weight w); clamp passes it where lo ≤ x ≤ hi (inclusive):
 
     d/dlogp = ḡ_pg·m·(w_u·(−A) + w_c·(−A)·[1−ε_lo ≤ r ≤ 1+ε_hi])·r   (× the min's share, dual clip; × w)
     d/dv    = ḡ_vf·m·(w_u·2(v − R) + w_c·2(v_c − R)·[v_old − ε_v ≤ v ≤ v_old + ε_v])
-
 (GSPO's r = s_i·π_t/sg(π_t) has dr/dlogp_t = r as well, so one backward serves both levels.)
 
 Launches: forward = 1 kernel writing ratio `[B, T]` and per-program partial sums `[P, 13]`
@@ -32,9 +31,8 @@ per-row reduction first. Backward = 1 kernel recomputing r (and w) from the inpu
 gradients. Bytes per token (fp32 inputs, bool mask): forward reads 6·4 + 1 and writes 4 (29 bytes);
 backward reads 29 and writes 8; rollout log-probs and loss weights add a read of 4 each to each pass.
 
-Shapes: all inputs `[B, T]` (rollout log-probs, loss weights too), any float dtype (upcast to float32 on
-load), any strides; mask bool / int / float. ratio is float32 contiguous; gradients have the
-dtype of their input.
+Shapes: all inputs `[B, T]` (rollout log-probs, loss weights too), any float dtype (upcast to float32 on load),
+any strides; mask bool / int / float. ratio is float32 contiguous; gradients have the dtype of their input.
 """
 
 from __future__ import annotations
@@ -51,13 +49,13 @@ from fastppo.op_outputs import PPOLossOutput, PPOLossSettings, clip_bounds, reso
 from . import _launch
 from ._launch import check_column_offsets, device_guard, token_tiles
 
-# Partial-sum columns, each a masked sum Σm·(...): 0 pg, 1 vf, 2 [pg clipped], 3 [vf clipped],
-# 4 log_ratio², 5 −log_ratio, 6 ratio, 7 v, 8 (v − R)², 9 m, 10 [held at −A·c by the dual clip],
-# 11 w, 12 [exp(old − rollout) > cap] (11, 12 stay 0 without rollout log-probs).
-# Columns 2..8 and 10..12 become the 10 stats.
+# Partial-sum columns, each a masked sum Σm·(...) (0, 1: Σm·ω·(...) when weighted): 0 pg, 1 vf, 2 [pg clipped],
+# 3 [vf clipped], 4 log_ratio², 5 −log_ratio, 6 ratio, 7 v, 8 (v − R)², 9 m, 10 [held at −A·c by the dual clip],
+# 11 w, 12 [exp(old − rollout) > cap] (11, 12 stay 0 without rollout log-probs). Columns 2..8 and 10..12 become
+# the N_STATS stats: pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error,
+# pg_clipfrac_lower, tis_weight_mean, tis_clipfrac.
 N_PARTIALS_COLS = 13
-N_STATS = 10  # pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean, vpred_mean, value_error, pg_clipfrac_lower,
-#               tis_weight_mean, tis_clipfrac
+N_STATS = 10
 _INPUT_NAMES = ("logprobs", "old_logprobs", "values", "old_values", "advantages", "returns", "mask")
 
 
