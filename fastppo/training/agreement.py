@@ -26,12 +26,13 @@ def read_verdicts(flags: torch.Tensor) -> list:
 
 
 def decided_together(accelerator, check: Callable):
-    """`check(agree)`'s result on every process, or the same TypeError/ValueError raised on every process.
+    """`check(agree)`'s result on every process, or the same error raised on every process.
 
     `check` runs this process's checks: first everything decided on the host (raising at once on bad input),
     then `agree(flags)` exactly once with its `[k]` device verdicts (k < MAX_VERDICTS), whose returned list of
     bools it uses to raise its detailed message. Only those messages may come after `agree`: every other
-    refusal must come before it, or the other processes would already have gone on.
+    refusal must come before it, or the other processes would already have gone on. Any other exception a
+    check raises on one process (a device error, a bug) is shared the same way, so no process waits for it.
     """
     world = sharding.world_size(accelerator)
     if world == 1:
@@ -48,7 +49,7 @@ def decided_together(accelerator, check: Callable):
     error = None
     try:
         result = check(agree)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # (not KeyboardInterrupt and the like: those end the run anyway)
         error = exc
     if not table:  # refused before its read (or a check without one): the others wait in this all-reduce
         empty = torch.zeros(0, dtype=torch.bool, device=accelerator.device)
@@ -77,9 +78,10 @@ def _all_verdicts(accelerator, rank: int, world: int, flags: torch.Tensor, refus
 
 
 def _shared_error(refused: list, messages: list) -> Exception:
-    """The one error every process raises: each refused process's own message, after its rank."""
+    """The one error every process raises: each refused process's own message, after its rank. A TypeError when
+    every refused process raised one, a ValueError for input refusals, a RuntimeError when a check failed."""
     parts = [f"process {r}: {messages[r][1] if messages[r] else 'its input was refused'}" for r in refused]
     kinds = {messages[r][0] for r in refused if messages[r]}
-    kind = TypeError if kinds == {"TypeError"} else ValueError
+    kind = TypeError if kinds == {"TypeError"} else ValueError if kinds <= {"TypeError", "ValueError"} else RuntimeError
     return kind(f"input refused on process(es) {refused} of {len(messages)}, so on every process (nothing "
                 f"changed on any): " + "; ".join(parts))

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 from conftest import end_process_group, make_batch  # noqa: E402
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # noqa: E402
+from fastppo.training import agreement  # noqa: E402
 
 TIMEOUT_S = 8
 
@@ -72,6 +73,16 @@ def refusals(trainer: PPOTrainer, rank: int) -> dict:
     batch_size = 0 if rank == 0 else 2
     report["generate_bad_option_on_0"] = attempt(lambda: trainer.generate(queries, batch_size=batch_size,
                                                                          max_new_tokens=3))
+    def failing_check(agree):  # a check that fails outright on rank 1 (not an input refusal): no rank may wait
+        if rank == 1:
+            raise RuntimeError("device lost")
+        return agree(torch.zeros(1, dtype=torch.bool))
+
+    try:
+        agreement.decided_together(trainer.accelerator, failing_check)
+        report["check_failed_on_1"] = {"raised": None}
+    except RuntimeError as exc:
+        report["check_failed_on_1"] = {"raised": type(exc).__name__, "message": str(exc)}
     report["after"] = snapshot(trainer)
     stats = trainer.step(queries, responses, scores)  # a good step: the ranks are still in step
     report["after_good_step"] = snapshot(trainer)

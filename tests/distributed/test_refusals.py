@@ -52,6 +52,7 @@ def test_bad_input_on_one_rank_is_refused_on_every_rank(gpt2_dir, tokenizer_dir,
         "bad_on_both": ("ValueError", "[0, 1]", "outside the model's vocabulary"),
         "generate_bad_query_on_1": ("ValueError", "[1]", "process 1: query_tensor[0] holds token ids"),
         "generate_bad_option_on_0": ("ValueError", "[0]", "process 0: batch_size must be a positive integer"),
+        "check_failed_on_1": ("RuntimeError", "[1]", "process 1: device lost"),
     }
     for case, (kind, processes, words) in expected.items():
         raised = [rank[case] for rank in ranks]
