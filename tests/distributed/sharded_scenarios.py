@@ -55,7 +55,9 @@ def select_fsdp_on_cpu() -> None:
     AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin()
 
 
-def build(model_dir: str, tokenizer_dir: str) -> PPOTrainer:
+def build(model_dir: str, tokenizer_dir: str, **overrides) -> PPOTrainer:
+    """The scenario's trainer (SGD, the launch's backend); `overrides` and $FASTPPO_SCENARIO_SWITCHES change
+    PPOConfig fields (tests/rollout/vllm_distributed_scenarios.py builds its vLLM runs here too)."""
     torch.set_num_threads(1)
     correct_cpu_deepspeed_state()
     select_fsdp_on_cpu()
@@ -63,8 +65,9 @@ def build(model_dir: str, tokenizer_dir: str) -> PPOTrainer:
     torch.manual_seed(0)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
     switches = json.loads(os.environ.get("FASTPPO_SCENARIO_SWITCHES", "{}"))  # extra PPOConfig fields
-    config = PPOConfig(batch_size=2, mini_batch_size=1, ppo_epochs=2, learning_rate=0.1, use_score_scaling=True,
-                       max_grad_norm=None, seed=0, **switches)
+    settings = dict(batch_size=2, mini_batch_size=1, ppo_epochs=2, learning_rate=0.1, use_score_scaling=True,
+                    max_grad_norm=None, seed=0)
+    config = PPOConfig(**{**settings, **switches, **overrides})
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     return PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
 

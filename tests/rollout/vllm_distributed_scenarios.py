@@ -23,11 +23,10 @@ os.environ.setdefault("FASTPPO_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
-from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, sharding  # noqa: E402
-from sharded_scenarios import correct_cpu_deepspeed_state, select_fsdp_on_cpu  # noqa: E402
-from vllm_scenarios import SAMPLING, max_gap  # noqa: E402
+from fastppo import PPOTrainer, sharding  # noqa: E402
+import sharded_scenarios  # noqa: E402
+from vllm_scenarios import SAMPLING, max_gap, train_rounds  # noqa: E402
 from vllm_scenarios import policy_logprobs as unsharded_policy_logprobs  # noqa: E402
 
 RANK_QUERIES = {0: [[5, 6, 7], [9, 10]], 1: [[11, 12, 13, 14], [20, 21]]}  # each rank's own
@@ -36,18 +35,9 @@ VLLM_KWARGS = {"max_model_len": 128, "enforce_eager": True, "kv_cache_memory_byt
 
 
 def build(model_dir: str, tokenizer_dir: str, **vllm_kwargs) -> PPOTrainer:
-    torch.set_num_threads(1)
-    correct_cpu_deepspeed_state()
-    select_fsdp_on_cpu()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
-    ddp = os.environ.get("ACCELERATE_USE_CPU", "false") == "true"
-    config = PPOConfig(batch_size=2, mini_batch_size=1, ppo_epochs=2, learning_rate=1e-2, init_kl_coef=0.05, seed=0,
-                       max_grad_norm=None, rollout_engine="vllm", vllm_kwargs={**VLLM_KWARGS, **vllm_kwargs},
-                       accelerator_kwargs={"cpu": True} if ddp else {})
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-    return PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
+    return sharded_scenarios.build(model_dir, tokenizer_dir, learning_rate=1e-2, init_kl_coef=0.05,
+                                   use_score_scaling=False, rollout_engine="vllm",
+                                   vllm_kwargs={**VLLM_KWARGS, **vllm_kwargs})
 
 
 def policy_logprobs(trainer, queries, responses) -> list:
@@ -59,20 +49,6 @@ def policy_logprobs(trainer, queries, responses) -> list:
 def weights_sum(trainer) -> float:
     return float(sum(tensor.double().sum() for _, tensor in sharding.full_weights(
         trainer.accelerator, trainer.unwrapped_model.pretrained_model)))
-
-
-def rounds(trainer, queries, count: int) -> list:
-    records = []
-    for _ in range(count):
-        syncs = trainer.rollout_engine.syncs
-        responses, logprobs = trainer.generate(queries, return_prompt=False, return_logprobs=True, **SAMPLING)
-        gap = max_gap(logprobs, policy_logprobs(trainer, queries, responses))
-        scores = [torch.tensor(float(len(r) % 3)) for r in responses]
-        stats = trainer.step(queries, responses, scores, rollout_logprobs=logprobs)
-        records.append({"gap": gap, "syncs": trainer.rollout_engine.syncs - syncs,
-                        "step_gap": stats["rollout/logprob_diff_max"], "weights_sum": weights_sum(trainer),
-                        "lengths_match": all(len(r) == len(lp) for r, lp in zip(responses, logprobs))})
-    return records
 
 
 def main(scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str) -> None:
@@ -88,7 +64,8 @@ def main(scenario: str, model_dir: str, tokenizer_dir: str, out_dir: str) -> Non
     report = {"world_size": trainer.config.world_size, "distributed_type": trainer.accelerator.distributed_type.value,
               "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters()),
               "numel": sum(t.numel() for _, t in sharding.full_weights(trainer.accelerator, trainer.unwrapped_model)),
-              "rng_kept": bool(kept), "first_draw": first, "rounds": rounds(trainer, queries, 3)}
+              "rng_kept": bool(kept), "first_draw": first}
+    report["rounds"] = train_rounds(trainer, queries, 3, policy_logprobs, lambda t: {"weights_sum": weights_sum(t)})
     # the control: a step the engine is not told of leaves its log-probs stale
     responses, logprobs = trainer.generate(queries, return_prompt=False, return_logprobs=True, **SAMPLING)
     trainer.step(queries, responses, [torch.tensor(1.0)] * 2, rollout_logprobs=logprobs)

@@ -41,16 +41,17 @@ def max_gap(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def train_rounds(trainer, queries, rounds: int) -> list:
-    """generate (with log-probs) → compare with the policy → step with rollout_logprobs, `rounds` times."""
+def train_rounds(trainer, queries, rounds: int, logprobs_of=policy_logprobs, extra=lambda trainer: {}) -> list:
+    """generate (with log-probs) → compare with the policy (`logprobs_of`) → step with rollout_logprobs, `rounds`
+    times; each round's record also holds `extra(trainer)`, taken after its step."""
     records = []
     for round_index in range(rounds):
         syncs_before = trainer.rollout_engine.syncs
         responses, logprobs = trainer.generate(queries, return_prompt=False, return_logprobs=True, **SAMPLING)
-        gap = max_gap(logprobs, policy_logprobs(trainer, queries, responses))
+        gap = max_gap(logprobs, logprobs_of(trainer, queries, responses))
         scores = [torch.tensor(float(len(r) % 3)) for r in responses]
         stats = trainer.step(queries, responses, scores, rollout_logprobs=logprobs)
-        records.append({
+        records.append({**extra(trainer),
             "gap": gap,
             "syncs": trainer.rollout_engine.syncs - syncs_before,
             "lengths_match": all(len(r) == len(lp) for r, lp in zip(responses, logprobs)),
