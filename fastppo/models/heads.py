@@ -19,10 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import ops
-from .value_head import AutoModelForCausalLMWithValueHead
-
-# Config attributes of models whose logits are not just `lm_head(hidden)`.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+from .value_head import LOGIT_TRANSFORMS, AutoModelForCausalLMWithValueHead
 
 
 def head_mode(config) -> str:

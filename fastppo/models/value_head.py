@@ -21,10 +21,25 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from . import varlen_attention
 from .checkpoint_files import V_HEAD_PREFIX
 from .wrapper import PreTrainedModelWrapper, drop_unused_tokenizer_outputs
 
 __all__ = ["AutoModelForCausalLMWithValueHead", "PreTrainedModelWrapper", "ValueHead", "create_reference_model"]
+
+
+# Config attributes of models whose logits are not just `lm_head(hidden)`.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+# Keyword arguments of the trainer's forward passes that the causal LM hands to its backbone unchanged.
+_BACKBONE_KWARGS = frozenset({"use_cache", "position_ids", "token_type_ids", "cache_position", "cu_seq_lens_q",
+                              "cu_seq_lens_k", "max_length_q", "max_length_k", varlen_attention.SEQ_LENS,
+                              varlen_attention.CAUSAL})
+
+
+def logits_are_lm_head(config) -> bool:
+    """Whether a causal LM with this config computes its logits as `lm_head(last_hidden_state)` and nothing more."""
+    return all(getattr(config, name, None) in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
 
 
 def _hidden_size(config) -> int:
@@ -169,6 +184,11 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
             return hidden, None, self._values(hidden) if return_values else None
         if output != "logits":
             raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+        if past_key_values is None and not return_past_key_values and self._logits_from_backbone(kwargs):
+            hidden = self._last_hidden_state(input_ids, attention_mask, **kwargs)
+            logits = self.lm_head(hidden)  # a module call: under ZeRO-3/FSDP its hooks gather the weight
+            value = self._values(hidden) if return_values else None
+            return (logits.float() if upcast_logits and logits.dtype != torch.float32 else logits), None, value
         kwargs["output_hidden_states"] = True
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
@@ -180,6 +200,20 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         if return_past_key_values:
             return logits, output.loss, value, output.past_key_values
         return logits, output.loss, value
+
+    def _logits_from_backbone(self, kwargs: dict) -> bool:
+        """Whether this call's logits are `lm_head(backbone(...).last_hidden_state)`, which skips the causal LM's
+        own forward around the backbone (its output capture of every layer's hidden state for the value head,
+        output classes, decorators: ~3 % of a tiny model's PPO step). Only for keyword arguments that merely pass
+        through to the backbone, and for models whose logits are the head's output (no softcapping or scaling)."""
+        if not _BACKBONE_KWARGS.issuperset(kwargs):
+            return False
+        plain = getattr(self, "_plain_lm_head", None)
+        if plain is None:
+            config = self.causal_lm.config
+            plain = self._plain_lm_head = (not getattr(config, "is_encoder_decoder", False)
+                                           and self.backbone is not self.causal_lm and logits_are_lm_head(config))
+        return plain
 
     def _final_hidden_state(self, output) -> torch.Tensor:
         """The hidden state the value head reads, from the LM's output (an encoder-decoder's: the decoder's)."""

@@ -27,6 +27,31 @@ def test_forward_returns_logits_loss_value(model_dir):
     torch.testing.assert_close(logits, base_logits)
 
 
+def test_logits_from_the_backbone_are_the_lms_own(model_dir):
+    """With pass-through kwargs only, forward runs the backbone and the LM head itself (not the causal LM's forward):
+    the same logits and values, to the bit, as the LM's forward with its hidden states; other calls take that path."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir).eval()
+    ids = torch.randint(2, 100, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    full = model.pretrained_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    lm_calls = []
+    hook = model.pretrained_model.register_forward_hook(lambda *_: lm_calls.append(1))
+    try:
+        logits, loss, value = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert not lm_calls and loss is None
+        torch.testing.assert_close(logits, full.logits, rtol=0, atol=0)
+        torch.testing.assert_close(value, model.v_head(full.hidden_states[-1]).squeeze(-1), rtol=0, atol=0)
+        _, loss, _ = model(input_ids=ids, attention_mask=mask, labels=ids)  # a loss: the LM's own forward
+        assert lm_calls and loss is not None
+        lm_calls.clear()
+        model.pretrained_model.config.final_logit_softcapping = 30.0  # logits ≠ lm_head(hidden): never the shortcut
+        model._plain_lm_head = None
+        model(input_ids=ids, attention_mask=mask)
+        assert lm_calls
+    finally:
+        hook.remove()
+
+
 def test_model_kwargs_pass_through_and_value_head_kwargs_split(model_dir):
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
         model_dir, **dtype_kwarg(torch.bfloat16), attn_implementation="eager",

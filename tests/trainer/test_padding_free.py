@@ -122,12 +122,12 @@ def test_pack_and_unpack_place_every_position():
 
 def test_a_model_that_attends_across_packed_sequences_is_refused(gpt2_dir, tokenizer):
     model = AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir)
-    forward = model.pretrained_model.forward
+    forward = model.backbone.forward  # (which every forward of the trainer reaches, with or without the LM head)
 
     def ignoring_positions(*args, position_ids=None, **kwargs):  # as a model without packed-sequence support
         return forward(*args, **kwargs)
 
-    model.pretrained_model.forward = ignoring_positions
+    model.backbone.forward = ignoring_positions
     with pytest.raises(ValueError, match="padding_free.*attends across packed sequences"):
         PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1, padding_free=True), model, None, tokenizer)
     PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1), model, None, tokenizer)  # padded batches stay fine

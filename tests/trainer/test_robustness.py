@@ -9,6 +9,7 @@ import torch
 
 from conftest import assert_trainer_unchanged, dtype_kwarg, make_batch, trainer_state
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from fastppo.training import step_guard
 
 BATCH = dict(batch_size=4, mini_batch_size=2, ppo_epochs=2)  # 4 optimizer steps per PPO step
 
@@ -48,12 +49,7 @@ def _poison_on_training_call(module, calls: set, poison):
     return module.register_forward_hook(hook)
 
 
-def _nan_logits(output):
-    output.logits = output.logits + float("nan")
-    return output
-
-
-def _nan_values(output):
+def _nan(output):
     return output + float("nan")
 
 
@@ -70,9 +66,9 @@ def test_one_nonfinite_minibatch_is_skipped(trained, tokenizer, source, backend)
     trained.config.backend = backend
     trained._config_at_start["backend"] = backend
     model = trained.unwrapped_model
-    module, poison = (model.pretrained_model, _nan_logits) if source == "logits" else (model.v_head, _nan_values)
+    module = model.lm_head if source == "logits" else model.v_head
     adam_steps = [float(s["step"]) for s in trained.optimizer.state_dict()["state"].values()]
-    handle = _poison_on_training_call(module, {1}, poison)
+    handle = _poison_on_training_call(module, {1}, _nan)
     try:
         with pytest.warns(UserWarning, match=f"1 optimizer step\\(s\\) skipped .*the {source} of mini-batch 1"):
             stats = trained.step(*make_batch(tokenizer, 4, seed=2))
@@ -92,7 +88,7 @@ def test_an_optimizer_without_a_device_skip_is_guarded_on_the_host(gpt2_dir, tok
         warnings.filterwarnings("ignore", message="PPOTrainer has no dataset")
         trainer = PPOTrainer(PPOConfig(**BATCH), model, None, tokenizer, optimizer=optimizer)
     assert not getattr(trainer.optimizer.optimizer, "_step_supports_amp_scaling", False)
-    handle = _poison_on_training_call(model.v_head, {2}, _nan_values)
+    handle = _poison_on_training_call(model.v_head, {2}, _nan)
     try:
         with pytest.warns(UserWarning, match="the values of mini-batch 2"):
             stats = trainer.step(*make_batch(tokenizer, 4, seed=2))
@@ -135,7 +131,7 @@ def test_nan_weight_raises_where_it_started_and_changes_nothing(trained, tokeniz
 
 def test_every_minibatch_nonfinite_in_training_raises(trained, tokenizer):
     before = trainer_state(trained)
-    handle = _poison_on_training_call(trained.unwrapped_model.pretrained_model, set(range(8)), _nan_logits)
+    handle = _poison_on_training_call(trained.unwrapped_model.lm_head, set(range(8)), _nan)
     try:
         with pytest.raises(FloatingPointError, match="all 4 optimizer steps .*started in the training forward"):
             trained.step(*make_batch(tokenizer, 4, seed=2))
@@ -161,7 +157,7 @@ def test_nonfinite_kl_leaves_the_controller(trained, tokenizer):
 def test_guard_off_lets_nan_through(gpt2_dir, tokenizer):
     """nonfinite_guard=False is TRL's behaviour: the NaN reaches the weights (what the guard prevents)."""
     trainer = _trainer(gpt2_dir, tokenizer, nonfinite_guard=False)
-    handle = _poison_on_training_call(trainer.unwrapped_model.v_head, {0}, _nan_values)
+    handle = _poison_on_training_call(trainer.unwrapped_model.v_head, {0}, _nan)
     try:
         stats = trainer.step(*make_batch(tokenizer, 4, seed=2))
     finally:
@@ -246,3 +242,28 @@ def test_bf16_weights_without_mixed_precision_warn(gpt2_dir, tokenizer):
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", message="PPOTrainer has no dataset")
         PPOTrainer(PPOConfig(**BATCH), AutoModelForCausalLMWithValueHead.from_pretrained(gpt2_dir), None, tokenizer)
+
+
+# ---------------------------------------------------------------------- the optimizer step itself
+
+def test_the_torch_optimizer_steps_without_accelerates_per_call_search(gpt2_dir, tokenizer, monkeypatch):
+    """accelerate's optimizer wrapper asks importlib for `lomo_optim` on every step; where it would only pass the call
+    on, the guard steps the torch optimizer itself (every mini-batch's step applied); elsewhere the wrapper's step
+    runs."""
+    import accelerate.optimizer
+
+    searches = []
+    monkeypatch.setattr(accelerate.optimizer, "is_lomo_available", lambda: bool(searches.append(1)))
+    trainer = _trainer(gpt2_dir, tokenizer)
+    stats = trainer.step(*make_batch(tokenizer, 4, seed=2))
+    assert not searches and stats["fastppo/skipped_nonfinite"] == 0
+    assert {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {4.0}  # BATCH
+
+    state = trainer.accelerator.gradient_state  # mid-accumulation: accelerate's wrapper decides (not to step)
+    state._set_sync_gradients(False)
+    try:
+        step_guard.step_optimizer(trainer.optimizer, trainer.accelerator)
+    finally:
+        state._set_sync_gradients(True)
+    assert searches
+    assert {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {4.0}
