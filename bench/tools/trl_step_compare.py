@@ -111,57 +111,6 @@ def versions(library: str) -> dict:
 # ---------------------------------------------------------------------------------------------- the worker
 
 
-def _short_path(path: str) -> str:
-    """torch/nn/modules/module.py, fastppo/trainer.py, stdlib/email/parser.py: relative to where each lives."""
-    import sysconfig
-
-    for marker in ("site-packages/", "dist-packages/"):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    for prefix, label in ((str(ROOT), ""), (sysconfig.get_paths()["stdlib"], "stdlib/")):
-        if path.startswith(prefix + os.sep):
-            return label + path[len(prefix) + 1:]
-    return path
-
-
-def _function_name(key) -> str:
-    path, line, name = key
-    if path == "~" or not line:  # built-ins: ('~', 0, "<method 'item' of 'torch._C.TensorBase' objects>")
-        return name
-    return f"{_short_path(path)}:{line}({name})"
-
-
-def _package(key) -> str:
-    """'torch/nn' for torch/nn/modules/module.py, 'fastppo' for fastppo/trainer.py, one bucket for C functions."""
-    if key[0] == "~" or not key[1]:
-        return "(built-in and C functions)"
-    parts = _short_path(key[0]).split("/")
-    return "/".join(parts[:2]) if len(parts) > 2 else parts[0]
-
-
-def print_profile(profile, steps: int, library: str, clock: str = "wall", top: int = 30, out=sys.stdout) -> None:
-    """Top functions of the profiled steps by cumulative and by own time, in ms per step; own time per package."""
-    import pstats
-
-    stats = pstats.Stats(profile).stats  # {(file, line, name): (primitive calls, calls, tottime, cumtime, callers)}
-    total = sum(tt for _, _, tt, _, _ in stats.values())
-    print(f"\n### cProfile, {library}: {steps} steps, {1e3 * total / steps:.1f} ms per step of profiled {clock} time",
-          file=out)
-    for title, column in (("cumulative", 3), ("tottime", 2)):
-        print(f"\ntop {top} by {title} (ms per step; calls per step)", file=out)
-        print(f"{'cum ms':>9} {'own ms':>9} {'calls':>8}  function", file=out)
-        rows = sorted(stats.items(), key=lambda item: item[1][column], reverse=True)[:top]
-        for key, (_, calls, tt, ct, _) in rows:
-            print(f"{1e3 * ct / steps:9.2f} {1e3 * tt / steps:9.2f} {calls / steps:8.1f}  {_function_name(key)}",
-                  file=out)
-    packages = {}
-    for key, (_, _, tt, _, _) in stats.items():
-        packages[_package(key)] = packages.get(_package(key), 0.0) + tt
-    print("\nown time by package (ms per step)", file=out)
-    for name, tt in sorted(packages.items(), key=lambda item: item[1], reverse=True)[:15]:
-        print(f"{1e3 * tt / steps:9.2f}  {name}", file=out)
-
-
 def worker(library: str, steps: int, json_out: str | None, profile: bool, profile_out: str | None,
            profile_clock: str = "wall") -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # also when a worker is started by hand
@@ -210,10 +159,44 @@ def worker(library: str, steps: int, json_out: str | None, profile: bool, profil
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
     if profiler is not None:
+        from pstats_tables import print_profile
+
         print_profile(profiler, steps, library, profile_clock)
         if profile_out:
             profiler.dump_stats(profile_out)
     return result
+
+
+PROTOCOL = "@@fastppo-compare "  # the served worker's reply lines on stdout start with this (others are ignored)
+
+
+def serve(library: str) -> None:
+    """A worker that steps on request: builds its trainer, replies `ready`, then for each `step` line on stdin runs the
+    next step and replies its wall and CPU seconds; `quit` replies the versions and ends. The interleaved driver
+    (`--interleave`) runs one per library and alternates their steps one by one."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if library == "fastppo":
+        os.environ.setdefault("FASTPPO_BACKEND", "torch")
+    import torch
+
+    trainer, data = build_trainer(library), batches()
+
+    def reply(**message):
+        print(PROTOCOL + json.dumps(message), flush=True)
+
+    reply(ready=True, torch_threads=torch.get_num_threads())
+    for i, line in enumerate(sys.stdin):
+        if line.strip() == "quit":
+            if library == "trl" and any(name == "fastppo" or name.startswith("fastppo.") for name in sys.modules):
+                raise RuntimeError("the TRL worker imported fastppo")
+            reply(versions=versions(library))
+            return
+        queries, responses, scores = data[i % len(data)]
+        args = [q.clone() for q in queries], [r.clone() for r in responses], [s.clone() for s in scores]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        trainer.step(*args)
+        reply(wall=time.perf_counter() - start, cpu=time.process_time() - cpu_start)
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -268,21 +251,29 @@ def cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def row(wall_ms: dict, cpu_ms: dict, fv: dict, tv: dict, rounds: int, steps: int, trl_python: str) -> str:
-    """The measurements.md row; `wall_ms`, `cpu_ms`: {"fastppo": ms, "trl": ms}, medians of wall and CPU time."""
-    what = "PPOTrainer.step, fastppo vs TRL 0.11.4: median step time (each run's median, then the median over runs)"
+def row(wall_ms: dict, cpu_ms: dict, fv: dict, tv: dict, rounds: int, steps: int, trl_python: str,
+        paired_ratio: float | None = None) -> str:
+    """The measurements.md row; `wall_ms`, `cpu_ms`: {"fastppo": ms, "trl": ms}, medians of wall and CPU time.
+    `paired_ratio`: the interleaved driver's median per-pair CPU-time ratio (`rounds` is then unused)."""
+    interleaved = paired_ratio is not None
+    what = ("PPOTrainer.step, fastppo vs TRL 0.11.4: " + ("median step time, steps interleaved one by one"
+            if interleaved else "median step time (each run's median, then the median over runs)"))
+    runs = (f"both workers at once, {steps} steps each alternated one by one after {WARMUP} warm-up" if interleaved
+            else f"{rounds} alternating runs per library × {steps} steps after {WARMUP} warm-up")
     setting = (f"tiny GPT-2 of tests/data/trl_parity (vocab 64, 2 layers, n_embd 32), eager attention, separate "
                f"reference; {CONFIG['batch_size']} rows of {TOKENS[0]}–{TOKENS[1]}-token queries and responses, "
                f"mini-batch {CONFIG['mini_batch_size']}, {CONFIG['ppo_epochs']} PPO epochs; fastppo backend torch; "
-               f"{rounds} alternating runs per library × {steps} steps after {WARMUP} warm-up")
+               + runs)
     figure = (f"fastppo {wall_ms['fastppo']:.1f} ms; TRL {wall_ms['trl']:.1f} ms (fastppo/TRL "
               f"{wall_ms['fastppo'] / wall_ms['trl']:.2f}×); CPU time fastppo {cpu_ms['fastppo']:.1f} ms, TRL "
               f"{cpu_ms['trl']:.1f} ms ({cpu_ms['fastppo'] / cpu_ms['trl']:.2f}×)")
+    if interleaved:
+        figure += f"; median of the per-pair CPU-time ratios {paired_ratio:.2f}×"
     device = (f"{cpu_name()}, {os.cpu_count()} CPUs, torch threads 1; fastppo: torch {fv['torch']}, transformers "
               f"{fv['transformers']}, accelerate {fv.get('accelerate')}; TRL: trl {tv.get('trl')}, torch "
               f"{tv['torch']}, transformers {tv['transformers']}, accelerate {tv.get('accelerate')}")
-    source = (f"`python bench/tools/trl_step_compare.py --trl-python {trl_python} --rounds {rounds} "
-              f"--steps {steps}`")
+    source = (f"`python bench/tools/trl_step_compare.py --trl-python {trl_python} "
+              + ("--interleave" if interleaved else f"--rounds {rounds}") + f" --steps {steps}`")
     cells = [what, setting, figure, device, commit_label(), source]
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
@@ -297,12 +288,16 @@ def append_row(path: Path, line: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def checked_trl_python(path: str) -> str:
+    if not Path(path).exists():
+        raise SystemExit(f"no TRL interpreter at {path} (see /work/shared/trl-0.11-env.md); pass --trl-python")
+    return path
+
+
 def driver(args) -> None:
     import tempfile
 
-    fastppo_python, trl_python = args.fastppo_python or sys.executable, args.trl_python
-    if not Path(trl_python).exists():
-        raise SystemExit(f"no TRL interpreter at {trl_python} (see /work/shared/trl-0.11-env.md); pass --trl-python")
+    fastppo_python, trl_python = args.fastppo_python or sys.executable, checked_trl_python(args.trl_python)
     runs = {"fastppo": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -335,9 +330,62 @@ def driver(args) -> None:
         print(f"\nappended to {args.append}")
 
 
+def interleaved(args) -> None:
+    """Both libraries' served workers side by side, their steps alternated one by one (the order flipped every pair):
+    a slow spell of a shared machine then hits both alike. Figures: each library's median step and the median of
+    the per-pair ratios."""
+    pythons = {"fastppo": args.fastppo_python or sys.executable, "trl": checked_trl_python(args.trl_python)}
+    workers = {library: subprocess.Popen([python, str(Path(__file__).resolve()), "--serve", library], cwd=ROOT,
+                                         env=worker_env(library), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+               for library, python in pythons.items()}
+
+    def ask(library: str, command: str) -> dict:
+        worker = workers[library]
+        worker.stdin.write(command + "\n")
+        worker.stdin.flush()
+        for line in worker.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+        raise SystemExit(f"the {library} worker ended early (exit code {worker.wait()}); run it alone with --worker")
+
+    try:
+        for library, worker in workers.items():  # each builds its trainer
+            for line in worker.stdout:
+                if line.startswith(PROTOCOL):
+                    break
+            else:
+                raise SystemExit(f"the {library} worker failed to start (exit code {worker.wait()})")
+        times = {"fastppo": [], "trl": []}
+        for i in range(WARMUP + args.steps):
+            for library in ("fastppo", "trl") if i % 2 == 0 else ("trl", "fastppo"):
+                result = ask(library, "step")
+                if i >= WARMUP:
+                    times[library].append(result)
+        found = {library: ask(library, "quit")["versions"] for library in workers}
+    finally:
+        for worker in workers.values():
+            worker.kill()
+    wall = {library: 1e3 * statistics.median(t["wall"] for t in times[library]) for library in times}
+    cpu = {library: 1e3 * statistics.median(t["cpu"] for t in times[library]) for library in times}
+    paired = [f["cpu"] / t["cpu"] for f, t in zip(times["fastppo"], times["trl"])]
+    print(f"{args.steps} interleaved steps per library: median step fastppo {wall['fastppo']:.1f} ms, TRL "
+          f"{wall['trl']:.1f} ms; CPU time fastppo {cpu['fastppo']:.1f} ms, TRL {cpu['trl']:.1f} ms; median of the "
+          f"per-pair CPU-time ratios fastppo/TRL {statistics.median(paired):.3f}× (quartiles "
+          f"{statistics.quantiles(paired, n=4)[0]:.3f}–{statistics.quantiles(paired, n=4)[2]:.3f})\n")
+    line = row(wall, cpu, found["fastppo"], found["trl"], 0, args.steps, pythons["trl"], statistics.median(paired))
+    print(line)
+    if args.append:
+        append_row(Path(args.append), line)
+        print(f"\nappended to {args.append}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=("fastppo", "trl"), help="run one library's timed steps in this process")
+    parser.add_argument("--serve", choices=("fastppo", "trl"), help="a worker stepping on request (for --interleave)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="driver: both workers at once, their steps alternated one by one (steadier ratio)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after 2 warm-up steps)")
     parser.add_argument("--json", help="worker: where to write the per-step seconds")
     parser.add_argument("--profile", action="store_true",
@@ -354,7 +402,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be at least 1")
-    if args.worker:
+    if args.serve:
+        serve(args.serve)
+    elif args.interleave:
+        interleaved(args)
+    elif args.worker:
         result = worker(args.worker, args.steps, args.json, args.profile, args.profile_out, args.profile_clock)
         print(f"{args.worker}: median step {1e3 * result['median_s']:.1f} ms over {args.steps} steps")
     else:

@@ -58,3 +58,27 @@ def test_driver_row_appends_to_the_measurements_table(tmp_path, bench):
     compare.append_row(table, line)
     lines = table.read_text().splitlines()
     assert lines[lines.index("| a | b | c | d | e | f |") + 1] == line and lines[-1] == "after"
+
+
+def test_served_worker_steps_on_request_and_the_interleaved_row(bench):
+    """The worker that --interleave alternates: ready, one step per request (wall and CPU seconds), versions on quit."""
+    compare = bench("trl_step_compare")
+    worker = subprocess.Popen([sys.executable, str(SCRIPT), "--serve", "fastppo"], env=compare.worker_env("fastppo"),
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    try:
+        out, _ = worker.communicate("step\nstep\nquit\n", timeout=600)
+    finally:
+        worker.kill()
+    replies = [json.loads(line[len(compare.PROTOCOL):]) for line in out.splitlines()
+               if line.startswith(compare.PROTOCOL)]
+    assert replies[0] == {"ready": True, "torch_threads": 1}
+    assert all(r["wall"] > 0 and r["cpu"] > 0 for r in replies[1:3]) and len(replies) == 4
+    assert {"torch", "transformers"} <= set(replies[3]["versions"])
+
+    versions = {"torch": "2.13.0+cpu", "transformers": "5.24.0"}
+    line = compare.row({"fastppo": 50.0, "trl": 40.0}, {"fastppo": 45.0, "trl": 30.0}, versions, versions, 0, 80,
+                       "/tmp/trl011/bin/python", paired_ratio=1.4)
+    cells = line.strip("|").split(" | ")
+    assert cells[2].endswith("median of the per-pair CPU-time ratios 1.40×") and "--interleave --steps 80" in cells[5]
+    assert "steps interleaved one by one" in cells[0] and "80 steps each alternated" in cells[1]

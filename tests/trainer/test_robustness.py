@@ -247,16 +247,20 @@ def test_bf16_weights_without_mixed_precision_warn(gpt2_dir, tokenizer):
 # ---------------------------------------------------------------------- the optimizer step itself
 
 def test_the_torch_optimizer_steps_without_accelerates_per_call_search(gpt2_dir, tokenizer, monkeypatch):
-    """accelerate's optimizer wrapper asks importlib for `lomo_optim` on every step; where it would only pass the call
-    on, the guard steps the torch optimizer itself (every mini-batch's step applied); elsewhere the wrapper's step
+    """accelerate's optimizer wrapper asks importlib for `lomo_optim` on every step (and reads a signature on every
+    zero_grad); where it would only pass the call on, the guard steps and zeroes the torch optimizer itself (every mini-batch's step applied); elsewhere the wrapper's step
     runs."""
     import accelerate.optimizer
 
-    searches = []
+    searches, wrapper_zero_grads = [], []
     monkeypatch.setattr(accelerate.optimizer, "is_lomo_available", lambda: bool(searches.append(1)))
+    zero_grad = accelerate.optimizer.AcceleratedOptimizer.zero_grad
+    monkeypatch.setattr(accelerate.optimizer.AcceleratedOptimizer, "zero_grad",
+                        lambda self, *a, **k: wrapper_zero_grads.append(1) or zero_grad(self, *a, **k))
     trainer = _trainer(gpt2_dir, tokenizer)
     stats = trainer.step(*make_batch(tokenizer, 4, seed=2))
-    assert not searches and stats["fastppo/skipped_nonfinite"] == 0
+    assert not searches and not wrapper_zero_grads and stats["fastppo/skipped_nonfinite"] == 0
+    assert all(p.grad is None for p in trainer.unwrapped_model.parameters())  # zeroed as the wrapper does it
     assert {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {4.0}  # BATCH
 
     state = trainer.accelerator.gradient_state  # mid-accumulation: accelerate's wrapper decides (not to step)
