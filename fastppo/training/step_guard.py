@@ -6,8 +6,8 @@
 says where a step whose every optimizer step was skipped went wrong. The flags (`output_flags`:
 log-probs, values, loss) are device tensors built without a host sync; a check of the gradients
 (fused, or clipping's norm) joins them at the optimizer step, and on several processes one tiny
-all-reduce makes every process decide alike. A fused torch optimizer (the trainer's default Adam is one) skips on the device,
-through the `found_inf` its kernels take (as torch's GradScaler uses it): those flags are read
+all-reduce makes every process decide alike. A fused torch optimizer (the trainer's default Adam
+is one) skips on the device, through the `found_inf` its kernels take (as torch's GradScaler uses it): those flags are read
 once, in `settle`, together with whatever else the step reads then. Any other optimizer needs the
 decision on the host: one read per optimizer step. DeepSpeed steps inside backward, so there the
 check runs before it (`backward_allowed`, one read per mini-batch) and the gradients are
@@ -108,14 +108,14 @@ def device_skipping_optimizer(optimizer, accelerator) -> Optional[torch.optim.Op
     return inner
 
 
-def _passed_through(optimizer, accelerator) -> Optional[torch.optim.Optimizer]:
-    """The torch optimizer under accelerate's wrapper where the wrapper's `step`/`zero_grad` would only pass the
-    call on to it (no gradient scaler, gradients synced, not XLA, not a LOMO optimizer), else None. Those two
-    methods search importlib for `lomo_optim` and read the inner method's signature on every call: ~5 % of a
-    tiny model's PPO step together."""
+def _passed_through(optimizer, accelerator, method: str) -> Optional[torch.optim.Optimizer]:
+    """The torch optimizer under accelerate's wrapper where the wrapper's `method` ("step" or "zero_grad") would only
+    pass the call on to it (no gradient scaler, gradients synced, not XLA, not a LOMO optimizer, the method not
+    replaced on the wrapper), else None. Those two methods search importlib for `lomo_optim` and read the inner
+    method's signature on every call: ~5 % of a tiny model's PPO step together."""
     inner = getattr(optimizer, "optimizer", None)
     if (type(optimizer) is AcceleratedOptimizer and isinstance(inner, torch.optim.Optimizer)
-            and optimizer.scaler is None and accelerator.sync_gradients
+            and method not in vars(optimizer) and optimizer.scaler is None and accelerator.sync_gradients
             and accelerator.distributed_type != DistributedType.XLA
             and not type(inner).__module__.startswith("lomo_optim")):
         return inner
@@ -124,13 +124,13 @@ def _passed_through(optimizer, accelerator) -> Optional[torch.optim.Optimizer]:
 
 def step_optimizer(optimizer, accelerator) -> None:
     """`optimizer.step()`, on the torch optimizer itself where accelerate's wrapper would only pass the call on."""
-    (_passed_through(optimizer, accelerator) or optimizer).step()
+    (_passed_through(optimizer, accelerator, "step") or optimizer).step()
 
 
 def zero_grad(optimizer, accelerator) -> None:
     """`optimizer.zero_grad()` (gradients set to None), on the torch optimizer itself where the wrapper would only
     pass the call on."""
-    (_passed_through(optimizer, accelerator) or optimizer).zero_grad()
+    (_passed_through(optimizer, accelerator, "zero_grad") or optimizer).zero_grad()
 
 
 @contextlib.contextmanager

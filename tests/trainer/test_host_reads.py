@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import make_batch
+from conftest import dtype_kwarg, make_batch
 from fastppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from fastppo.host_reads import HostReads
 
@@ -106,11 +106,14 @@ def test_a_cuda_step_synchronises_within_the_budget(model_dirs, tokenizer):
 
 
 @pytest.mark.parametrize("name,attention,expected", [
-    ("gpt2", "eager", ("raw", "raw")),  # eager builds its mask without a read: left alone
-    ("gpt2", "sdpa", ("prepared", "prepared")),  # GPT-2 looks for pads when given no mask
-    ("llama", "sdpa", ("prepared", "prepared")),  # Llama's position ids make no mask a packed-sequence search
-    ("gpt2", "varlen", ("causal", "prepared")),  # installed by the trainer on SDPA models: SDPA's causal path
-    ("llama", "varlen", ("causal", "prepared")),
+    # transformers' own 4-D masks, built by fastppo (the same tensors, a fraction of the host time): eager builds its
+    # mask without a read, but slower; GPT-2 looks for pads when given no mask; Llama's position ids make no mask a
+    # packed-sequence search
+    ("gpt2", "eager", ("built", "built")),
+    ("gpt2", "sdpa", ("built", "built")),
+    ("llama", "sdpa", ("built", "built")),
+    ("gpt2", "varlen", ("causal", "built")),  # installed by the trainer on SDPA models: SDPA's causal path
+    ("llama", "varlen", ("causal", "built")),
 ])
 def test_each_model_gets_the_mask_form_it_reads_least(model_dirs, name, attention, expected):
     from fastppo.models import attention_masks, varlen_attention
@@ -122,6 +125,27 @@ def test_each_model_gets_the_mask_form_it_reads_least(model_dirs, name, attentio
     form = attention_masks.choose_form(model, model, 64, torch.device("cpu"))
     assert tuple(form) == expected
     assert model.training  # the probe restores the mode it found
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_built_mask_is_transformers_own(model_dirs, attention, dtype):
+    """`built` gives `prepared`'s tensor, element for element, for right, left and no padding; a model whose mask it
+    does not build alike keeps transformers' (here: one whose builder is made to differ)."""
+    from fastppo.models import attention_masks
+
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dirs["llama"], attn_implementation=attention,
+                                                              **dtype_kwarg(dtype))
+    masks = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1] * 6])
+    want, got = attention_masks.prepared(model.causal_lm, masks), attention_masks.built(model.causal_lm, masks)
+    assert got.dtype == want.dtype == (dtype if attention == "eager" else torch.bool) and torch.equal(got, want)
+    prepared = attention_masks.prepared
+    attention_masks.prepared = lambda lm, mask: prepared(lm, mask.flip(-1))
+    try:
+        form = attention_masks.choose_form(model, model, 64, torch.device("cpu"), float32=dtype == torch.float32)
+    finally:
+        attention_masks.prepared = prepared
+    assert "built" not in form
 
 
 def test_the_trainer_runs_unpadded_rows_on_sdpas_causal_path(model_dir, tokenizer):
