@@ -7,9 +7,9 @@ says where a step whose every optimizer step was skipped went wrong. The flags (
 log-probs, values, loss) are device tensors built without a host sync; a check of the gradients
 (fused, or clipping's norm) joins them at the optimizer step, and on several processes one tiny
 all-reduce makes every process decide alike. A fused torch optimizer (the trainer's default Adam
-is one) skips on the device, through the `found_inf` its kernels take (as torch's GradScaler uses it): those flags are read
-once, in `settle`, together with whatever else the step reads then. Any other optimizer needs the
-decision on the host: one read per optimizer step. DeepSpeed steps inside backward, so there the
+is one) skips on the device, through the `found_inf` its kernels take (as torch's GradScaler uses
+it): those flags are read once, in `settle`, together with whatever else the step reads then. Any
+other optimizer needs the decision on the host: one read per optimizer step. DeepSpeed steps inside backward, so there the
 check runs before it (`backward_allowed`, one read per mini-batch) and the gradients are
 DeepSpeed's own business.
 """
