@@ -152,6 +152,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values.float() * maskf).sum() / maskf.sum()
 
 
+def masked_means(stacked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[k]`: the masked mean of each of `stacked`'s k `mask`-shaped terms (`[k, *mask.shape]`), as k `masked_mean`s
+    in a few ops."""
+    maskf = mask.float()
+    return (stacked.float() * maskf).sum(tuple(range(1, stacked.dim()))) / maskf.sum()
+
+
+def masked_vars(stacked: torch.Tensor, mask: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """`[k]`: `masked_var` (unbiased) of each of `stacked`'s k terms, given their masked `means` `[k]`."""
+    maskf = mask.float()
+    count = maskf.sum()
+    centered = stacked.float() - means.reshape(-1, *([1] * mask.dim()))
+    variances = (centered.square() * maskf).sum(tuple(range(1, stacked.dim()))) / count
+    return variances * torch.where(count > 1, count / (count - 1).clamp_min(1), torch.ones_like(count))
+
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance over masked positions; Bessel-corrected when `unbiased` and more than one position.
 
@@ -316,7 +332,6 @@ def ppo_loss(
     vf_losses_unclipped = (values - returns).square()
     vf_losses_clipped = (values_clipped - returns).square()
     vf_loss = 0.5 * aggregate(torch.maximum(vf_losses_unclipped, vf_losses_clipped), mask, loss_weights)
-    vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses_unclipped).float(), mask)
 
     log_ratio = logprobs - old_logprobs
     if settings.importance_sampling_level == "sequence":
@@ -327,7 +342,6 @@ def ppo_loss(
     low, high = clip_bounds(settings.cliprange)
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     pg_losses = torch.maximum(pg_losses_unclipped, pg_losses_clipped)
-    pg_clipfrac = masked_mean((pg_losses_clipped > pg_losses_unclipped).float(), mask)
     held = torch.zeros_like(pg_losses)
     if settings.dual_clip is not None:
         pg_losses_lower = -advantages * settings.dual_clip
@@ -344,14 +358,14 @@ def ppo_loss(
                        tis_clipfrac=masked_mean((is_ratio > cap).float(), mask))
         pg_losses = pg_losses * tis_weight  # after the clip and the dual clip: it weights the token's loss
     pg_loss = aggregate(pg_losses, mask, loss_weights)
-    pg_clipfrac_lower = masked_mean(held, mask)
 
-    with torch.no_grad():
-        approxkl = 0.5 * masked_mean(log_ratio.square(), mask)
-        policykl = masked_mean(-log_ratio, mask)
-        ratio_mean = masked_mean(ratio, mask)
-        vpred_mean = masked_mean(values, mask)
-        value_error = masked_mean((values - returns).square(), mask)
+    with torch.no_grad():  # the statistics: token means, all in one masked mean
+        log_ratio = log_ratio.detach()
+        (vf_clipfrac, pg_clipfrac, pg_clipfrac_lower, approxkl, policykl, ratio_mean, vpred_mean,
+         value_error) = masked_means(torch.stack([
+             (vf_losses_clipped > vf_losses_unclipped).float(), (pg_losses_clipped > pg_losses_unclipped).float(),
+             held, 0.5 * log_ratio.square(), -log_ratio, ratio.detach(), values.detach(),
+             (values.detach() - returns).square()]), mask).unbind()
 
     return PPOLossOutput(
         loss=pg_loss + settings.vf_coef * vf_loss,

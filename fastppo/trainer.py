@@ -20,7 +20,6 @@ import warnings
 from typing import Callable, Optional
 
 import torch
-from torch.profiler import record_function
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from transformers import PreTrainedTokenizerBase, set_seed
@@ -37,6 +36,7 @@ from .training.controllers import AdaptiveKLController, FixedKLController, Runni
 from .training.experience import Experience, PaddedBatch, Rollout, RowLayout
 from .training.forward_plan import ForwardPlan
 from .training.ppo_epochs import PPOEpochs
+from .training.profiling import profiler_range
 from .training.trl_methods import TRLMethods
 
 
@@ -250,8 +250,8 @@ class PPOTrainer(TRLMethods):
         is as before the call: gradients cleared, train/eval mode, running score moments, the
         gradient-accumulation phase, KL coefficient, scheduler and counters.
         """
-        with record_function("fastppo/step"):
-            with record_function("fastppo/check_inputs"):  # on every process together (training.agreement)
+        with profiler_range("fastppo/step"):
+            with profiler_range("fastppo/check_inputs"):  # on every process together (training.agreement)
                 batch = agreement.decided_together(self.accelerator, lambda agree: self._check_step_inputs(
                     queries, responses, scores, response_masks, rollout_logprobs, agree))
             with self._restored_on_error():

@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from .. import ops, reference, sharding
 from ..op_outputs import PPOLossOutput, PPOLossSettings
@@ -24,6 +23,7 @@ from . import microbatch, step_guard
 from . import stats as step_statistics
 from .experience import Experience
 from .forward_plan import ForwardPlan
+from .profiling import profiler_range
 
 
 def loss_settings(config) -> PPOLossSettings:
@@ -145,13 +145,13 @@ class PPOEpochs:
         for position, (rows, weight) in enumerate(micro):
             last = position == len(micro) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                with record_function("fastppo/minibatch_forward"):
+                with profiler_range("fastppo/minibatch_forward"):
                     out, entropy, part_flags = self.loss(*part(rows))
                     if skip is None:  # one pass: its own mean ratio decides
                         skip = ratio_spikes(out.ratio_mean, config.ratio_threshold)
                     flags = part_flags if flags is None else flags | part_flags
                 if self.guard.backward_allowed(part_flags, index):  # (False only under DeepSpeed: no micro-batches)
-                    with record_function("fastppo/minibatch_backward"):
+                    with profiler_range("fastppo/minibatch_backward"):
                         share = weight if weights is None else 1.0  # weighted: the part's loss is its share already
                         self.accelerator.backward(out.loss * (share * (~skip).float()))
                 else:
@@ -163,7 +163,7 @@ class PPOEpochs:
             entropy = torch.cat(entropies)
         out = zero_losses(out, skip)
         if backward_ran:
-            with record_function("fastppo/optimizer_step"):
+            with profiler_range("fastppo/optimizer_step"):
                 self.guard.optimizer_step(flags, index)
         with torch.no_grad():
             stats = step_statistics.minibatch_stats(out, entropy, experience.advantages, experience.returns,

@@ -16,10 +16,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
-from .. import ops, sharding
+from .. import ops, reference, sharding
 from ..op_outputs import PPOLossOutput
+from .profiling import profiler_range
 
 
 def minibatch_stats(
@@ -34,28 +34,33 @@ def minibatch_stats(
 ) -> dict:
     """One mini-batch's statistics (tensors, still on device; TRL's keys without the `ppo/` prefix, and
     fastppo's own under `fastppo/`)."""
+    # the masked token means (and two variances) of the mini-batch's tensors, in a few ops
+    tracked = [entropy, advantages] + ([returns, old_values] if critic else [])
+    stacked = torch.stack([tensor.detach().float() for tensor in tracked])
+    means = reference.masked_means(stacked, mask)
     stats = {
         "loss/policy": out.pg_loss.detach(),
         "loss/value": out.vf_loss.detach(),
         "loss/total": (out.pg_loss + vf_coef * out.vf_loss).detach(),
-        "policy/entropy": ops.masked_mean(entropy, mask),
+        "policy/entropy": means[0],
         "policy/approxkl": out.approxkl,
         "policy/policykl": out.policykl,
         "policy/clipfrac": out.pg_clipfrac,
         "fastppo/policy/clipfrac_lower": out.pg_clipfrac_lower,  # dual clip only; 0 without it
         "policy/advantages": torch.nan_to_num(advantages.detach().flatten(), nan=-1.0),
-        "policy/advantages_mean": ops.masked_mean(advantages, mask),
+        "policy/advantages_mean": means[1],
         "policy/ratio": out.ratio.flatten(),
     }
     if critic:  # critic-free: no values, no returns to report (ppo/loss/value stays, 0)
+        variances = reference.masked_vars(stacked[2:], mask, means[2:])
         stats.update({
-            "returns/mean": ops.masked_mean(returns, mask),
-            "returns/var": ops.masked_var(returns, mask),
+            "returns/mean": means[2],
+            "returns/var": variances[0],
             "val/vpred": out.vpred_mean,
             "val/error": out.value_error,
             "val/clipfrac": out.vf_clipfrac,
-            "val/mean": ops.masked_mean(old_values, mask),
-            "val/var": ops.masked_var(old_values, mask),
+            "val/mean": means[3],
+            "val/var": variances[1],
         })
     if out.kl_loss is not None:  # PPOConfig.kl_loss_coef > 0 (ppo/loss/total stays TRL's: pg + vf_coef·vf)
         stats["fastppo/loss/kl"] = out.kl_loss.detach()
@@ -186,10 +191,10 @@ def reduce_across_processes(stats: dict, accelerator) -> dict:
 
 
 @contextlib.contextmanager
-def timed(timing: dict, key: str, profiler_range: str):
+def timed(timing: dict, key: str, range_name: str):
     """`timing[key]`: the wall-clock seconds the block took; the block is also a torch.profiler range
     (`bench/tools/profile_step.py` reads them)."""
     start = time.time()
-    with record_function(profiler_range):
+    with profiler_range(range_name):
         yield
     timing[key] = time.time() - start

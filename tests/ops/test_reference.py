@@ -332,3 +332,18 @@ def test_masked_whiten_matches_float64():
 def test_masked_var_single_position_is_finite():
     var = reference.masked_var(torch.tensor([[3.0, 5.0]]), torch.tensor([[0, 1]]))
     assert var.item() == 0.0  # TRL divides by zero here
+
+
+def test_stacked_masked_means_and_vars_are_the_single_ones():
+    g = torch.Generator().manual_seed(7)
+    stacked = torch.randn(3, 4, 9, generator=g) * 3 + 1
+    mask = (torch.rand(4, 9, generator=g) > 0.4).long()
+    chosen = stacked.double()[:, mask.bool()]
+    means = reference.masked_means(stacked, mask)
+    _close(means, chosen.mean(-1))
+    _close(reference.masked_vars(stacked, mask, means), chosen.var(-1, unbiased=True))
+    for k in range(3):
+        torch.testing.assert_close(means[k], reference.masked_mean(stacked[k], mask))
+        torch.testing.assert_close(reference.masked_vars(stacked, mask, means)[k], reference.masked_var(stacked[k], mask))
+    one = torch.tensor([[0, 1]])  # a single position: the biased (zero) variance, as masked_var
+    assert reference.masked_vars(torch.tensor([[[3.0, 5.0]]]), one, torch.tensor([5.0])).tolist() == [0.0]
