@@ -165,7 +165,7 @@ def masked_vars(stacked: torch.Tensor, mask: torch.Tensor, means: torch.Tensor) 
     count = maskf.sum()
     centered = stacked.float() - means.reshape(-1, *([1] * mask.dim()))
     variances = (centered.square() * maskf).sum(tuple(range(1, stacked.dim()))) / count
-    return variances * torch.where(count > 1, count / (count - 1).clamp_min(1), torch.ones_like(count))
+    return variances * _bessel(count)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -175,11 +175,14 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     """
     maskf = mask.float()
     centered = values.float() - masked_mean(values, mask)
-    variance = (centered.square() * maskf).sum() / maskf.sum()
-    if unbiased:
-        count = maskf.sum()
-        variance = variance * torch.where(count > 1, count / (count - 1).clamp_min(1), torch.ones_like(count))
-    return variance
+    count = maskf.sum()
+    variance = (centered.square() * maskf).sum() / count
+    return variance * _bessel(count) if unbiased else variance
+
+
+def _bessel(count: torch.Tensor) -> torch.Tensor:
+    """Bessel's n/(n − 1) for n masked positions; 1 for a single one (its variance stays the biased zero)."""
+    return count / (count - 1).clamp_min(1)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:

@@ -252,14 +252,15 @@ def cpu_name() -> str:
 
 
 def row(wall_ms: dict, cpu_ms: dict, fv: dict, tv: dict, rounds: int, steps: int, trl_python: str,
-        paired_ratio: float | None = None) -> str:
+        paired_ratio: float | None = None, turn: int = 1) -> str:
     """The measurements.md row; `wall_ms`, `cpu_ms`: {"fastppo": ms, "trl": ms}, medians of wall and CPU time.
-    `paired_ratio`: the interleaved driver's median per-pair CPU-time ratio (`rounds` is then unused)."""
+    `paired_ratio`: the interleaved driver's median per-turn-pair CPU-time ratio, `turn` its steps per turn (`rounds`
+    is then unused)."""
     interleaved = paired_ratio is not None
-    what = ("PPOTrainer.step, fastppo vs TRL 0.11.4: " + ("median step time, steps interleaved one by one"
+    what = ("PPOTrainer.step, fastppo vs TRL 0.11.4: " + ("median step time, the workers taking turns"
             if interleaved else "median step time (each run's median, then the median over runs)"))
-    runs = (f"both workers at once, {steps} steps each alternated one by one after {WARMUP} warm-up" if interleaved
-            else f"{rounds} alternating runs per library × {steps} steps after {WARMUP} warm-up")
+    runs = (f"both workers at once, {steps} steps each in alternating turns of {turn} after {WARMUP} warm-up"
+            if interleaved else f"{rounds} alternating runs per library × {steps} steps after {WARMUP} warm-up")
     setting = (f"tiny GPT-2 of tests/data/trl_parity (vocab 64, 2 layers, n_embd 32), eager attention, separate "
                f"reference; {CONFIG['batch_size']} rows of {TOKENS[0]}–{TOKENS[1]}-token queries and responses, "
                f"mini-batch {CONFIG['mini_batch_size']}, {CONFIG['ppo_epochs']} PPO epochs; fastppo backend torch; "
@@ -268,12 +269,12 @@ def row(wall_ms: dict, cpu_ms: dict, fv: dict, tv: dict, rounds: int, steps: int
               f"{wall_ms['fastppo'] / wall_ms['trl']:.2f}×); CPU time fastppo {cpu_ms['fastppo']:.1f} ms, TRL "
               f"{cpu_ms['trl']:.1f} ms ({cpu_ms['fastppo'] / cpu_ms['trl']:.2f}×)")
     if interleaved:
-        figure += f"; median of the per-pair CPU-time ratios {paired_ratio:.2f}×"
+        figure += f"; median of the per-turn-pair CPU-time ratios {paired_ratio:.2f}×"
     device = (f"{cpu_name()}, {os.cpu_count()} CPUs, torch threads 1; fastppo: torch {fv['torch']}, transformers "
               f"{fv['transformers']}, accelerate {fv.get('accelerate')}; TRL: trl {tv.get('trl')}, torch "
               f"{tv['torch']}, transformers {tv['transformers']}, accelerate {tv.get('accelerate')}")
     source = (f"`python bench/tools/trl_step_compare.py --trl-python {trl_python} "
-              + ("--interleave" if interleaved else f"--rounds {rounds}") + f" --steps {steps}`")
+              + (f"--interleave --turn {turn}" if interleaved else f"--rounds {rounds}") + f" --steps {steps}`")
     cells = [what, setting, figure, device, commit_label(), source]
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
@@ -331,9 +332,9 @@ def driver(args) -> None:
 
 
 def interleaved(args) -> None:
-    """Both libraries' served workers side by side, their steps alternated one by one (the order flipped every pair):
-    a slow spell of a shared machine then hits both alike. Figures: each library's median step and the median of
-    the per-pair ratios."""
+    """Both libraries' served workers side by side, taking turns of `--turn` steps (who goes first flips every pair of
+    turns): a slow spell of a shared machine then hits both alike. Figures: each library's median step and the median
+    of the per-turn-pair ratios of the turns' median CPU times."""
     pythons = {"fastppo": args.fastppo_python or sys.executable, "trl": checked_trl_python(args.trl_python)}
     workers = {library: subprocess.Popen([python, str(Path(__file__).resolve()), "--serve", library], cwd=ROOT,
                                          env=worker_env(library), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -356,24 +357,29 @@ def interleaved(args) -> None:
                     break
             else:
                 raise SystemExit(f"the {library} worker failed to start (exit code {worker.wait()})")
+        for _ in range(WARMUP):
+            for library in workers:
+                ask(library, "step")
+        turns = {"fastppo": [], "trl": []}  # per turn, its steps' CPU seconds
         times = {"fastppo": [], "trl": []}
-        for i in range(WARMUP + args.steps):
-            for library in ("fastppo", "trl") if i % 2 == 0 else ("trl", "fastppo"):
-                result = ask(library, "step")
-                if i >= WARMUP:
-                    times[library].append(result)
+        for turn in range(-(-args.steps // args.turn)):
+            for library in ("fastppo", "trl") if turn % 2 == 0 else ("trl", "fastppo"):
+                results = [ask(library, "step") for _ in range(args.turn)]
+                times[library] += results
+                turns[library].append(statistics.median(r["cpu"] for r in results))
         found = {library: ask(library, "quit")["versions"] for library in workers}
     finally:
         for worker in workers.values():
             worker.kill()
     wall = {library: 1e3 * statistics.median(t["wall"] for t in times[library]) for library in times}
     cpu = {library: 1e3 * statistics.median(t["cpu"] for t in times[library]) for library in times}
-    paired = [f["cpu"] / t["cpu"] for f, t in zip(times["fastppo"], times["trl"])]
-    print(f"{args.steps} interleaved steps per library: median step fastppo {wall['fastppo']:.1f} ms, TRL "
+    paired = [f / t for f, t in zip(turns["fastppo"], turns["trl"])]
+    print(f"{len(times['fastppo'])} interleaved steps per library, {args.turn} per turn: median step fastppo {wall['fastppo']:.1f} ms, TRL "
           f"{wall['trl']:.1f} ms; CPU time fastppo {cpu['fastppo']:.1f} ms, TRL {cpu['trl']:.1f} ms; median of the "
-          f"per-pair CPU-time ratios fastppo/TRL {statistics.median(paired):.3f}× (quartiles "
+          f"per-turn-pair CPU-time ratios fastppo/TRL {statistics.median(paired):.3f}× (quartiles "
           f"{statistics.quantiles(paired, n=4)[0]:.3f}–{statistics.quantiles(paired, n=4)[2]:.3f})\n")
-    line = row(wall, cpu, found["fastppo"], found["trl"], 0, args.steps, pythons["trl"], statistics.median(paired))
+    line = row(wall, cpu, found["fastppo"], found["trl"], 0, len(times["fastppo"]), pythons["trl"],
+               statistics.median(paired), args.turn)
     print(line)
     if args.append:
         append_row(Path(args.append), line)
@@ -385,7 +391,8 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", choices=("fastppo", "trl"), help="run one library's timed steps in this process")
     parser.add_argument("--serve", choices=("fastppo", "trl"), help="a worker stepping on request (for --interleave)")
     parser.add_argument("--interleave", action="store_true",
-                        help="driver: both workers at once, their steps alternated one by one (steadier ratio)")
+                        help="driver: both workers at once, taking turns of --turn steps (steadier ratio)")
+    parser.add_argument("--turn", type=int, default=1, help="--interleave: steps per library per turn")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after 2 warm-up steps)")
     parser.add_argument("--json", help="worker: where to write the per-step seconds")
     parser.add_argument("--profile", action="store_true",
@@ -400,8 +407,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fastppo-python", help="driver: fastppo's python (default: this one)")
     parser.add_argument("--append", help="driver: append the markdown row to this measurements.md table")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be at least 1")
+    if args.steps < 1 or args.rounds < 1 or args.turn < 1:
+        parser.error("--steps, --rounds and --turn must be at least 1")
     if args.serve:
         serve(args.serve)
     elif args.interleave:

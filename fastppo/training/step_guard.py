@@ -31,12 +31,9 @@ SOURCES = ("logits", "values", "loss", "grad norm")
 
 def output_flags(logprobs: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     """`[3]` bool: a non-finite log-prob (from the logits) or value on a trained position, a non-finite loss."""
-    trained = mask.bool()
-    return torch.stack([
-        (~torch.isfinite(logprobs.detach()) & trained).any(),
-        (~torch.isfinite(values.detach()) & trained).any(),
-        ~torch.isfinite(loss.detach()),
-    ])
+    outputs = torch.stack([logprobs.detach().float(), values.detach().float()])  # both at once: a few ops in all
+    bad_outputs = (~torch.isfinite(torch.where(mask.bool(), outputs, 0.0))).flatten(1).any(1)
+    return torch.cat([bad_outputs, ~torch.isfinite(loss.detach()).reshape(1)])
 
 
 def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -78,7 +78,8 @@ def test_served_worker_steps_on_request_and_the_interleaved_row(bench):
 
     versions = {"torch": "2.13.0+cpu", "transformers": "5.24.0"}
     line = compare.row({"fastppo": 50.0, "trl": 40.0}, {"fastppo": 45.0, "trl": 30.0}, versions, versions, 0, 80,
-                       "/tmp/trl011/bin/python", paired_ratio=1.4)
+                       "/tmp/trl011/bin/python", paired_ratio=1.4, turn=10)
     cells = line.strip("|").split(" | ")
-    assert cells[2].endswith("median of the per-pair CPU-time ratios 1.40×") and "--interleave --steps 80" in cells[5]
-    assert "steps interleaved one by one" in cells[0] and "80 steps each alternated" in cells[1]
+    assert cells[2].endswith("median of the per-turn-pair CPU-time ratios 1.40×")
+    assert "--interleave --turn 10 --steps 80" in cells[5]
+    assert "the workers taking turns" in cells[0] and "80 steps each in alternating turns of 10" in cells[1]

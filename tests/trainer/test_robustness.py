@@ -271,3 +271,17 @@ def test_the_torch_optimizer_steps_without_accelerates_per_call_search(gpt2_dir,
         state._set_sync_gradients(True)
     assert searches
     assert {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {4.0}
+
+
+def test_output_flags_see_only_trained_positions():
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    logprobs, values = torch.zeros(2, 3), torch.zeros(2, 3)
+    logprobs[0, 2], values[1, 0] = float("nan"), float("inf")  # off the trained positions: ignored
+    assert step_guard.output_flags(logprobs, values, mask, torch.tensor(1.0)).tolist() == [False, False, False]
+    logprobs[1, 2] = float("-inf")
+    assert step_guard.output_flags(logprobs, values, mask, torch.tensor(1.0)).tolist() == [True, False, False]
+    values[0, 1] = float("nan")
+    assert step_guard.output_flags(logprobs, values.bfloat16(), mask, torch.tensor(float("nan"))).tolist() == [
+        True, True, True]
+    empty = torch.zeros(0, 3)
+    assert step_guard.output_flags(empty, empty, empty, torch.tensor(1.0)).tolist() == [False, False, False]
