@@ -9,9 +9,9 @@ log-probs, values, loss) are device tensors built without a host sync; a check o
 all-reduce makes every process decide alike. A fused torch optimizer (the trainer's default Adam
 is one) skips on the device, through the `found_inf` its kernels take (as torch's GradScaler uses
 it): those flags are read once, in `settle`, together with whatever else the step reads then. Any
-other optimizer needs the decision on the host: one read per optimizer step. DeepSpeed steps inside backward, so there the
-check runs before it (`backward_allowed`, one read per mini-batch) and the gradients are
-DeepSpeed's own business.
+other optimizer needs the decision on the host: one read per optimizer step. DeepSpeed steps inside
+backward, so there the check runs before it (`backward_allowed`, one read per mini-batch) and the
+gradients are DeepSpeed's own business.
 """
 
 from __future__ import annotations
