@@ -363,12 +363,10 @@ def ppo_loss(
     pg_loss = aggregate(pg_losses, mask, loss_weights)
 
     with torch.no_grad():  # the statistics: token means, all in one masked mean
-        log_ratio = log_ratio.detach()
         (vf_clipfrac, pg_clipfrac, pg_clipfrac_lower, approxkl, policykl, ratio_mean, vpred_mean,
          value_error) = masked_means(torch.stack([
              (vf_losses_clipped > vf_losses_unclipped).float(), (pg_losses_clipped > pg_losses_unclipped).float(),
-             held, 0.5 * log_ratio.square(), -log_ratio, ratio.detach(), values.detach(),
-             (values.detach() - returns).square()]), mask).unbind()
+             held, 0.5 * log_ratio.square(), -log_ratio, ratio, values, (values - returns).square()]), mask).unbind()
 
     return PPOLossOutput(
         loss=pg_loss + settings.vf_coef * vf_loss,

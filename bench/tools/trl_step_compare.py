@@ -111,20 +111,37 @@ def versions(library: str) -> dict:
 # ---------------------------------------------------------------------------------------------- the worker
 
 
-def worker(library: str, steps: int, json_out: str | None, profile: bool, profile_out: str | None,
-           profile_clock: str = "wall") -> dict:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # also when a worker is started by hand
+def _worker_environment(library: str) -> None:
+    """What `worker_env` sets, also when a worker is started by hand."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if library == "fastppo":
         os.environ.setdefault("FASTPPO_BACKEND", "torch")
+
+
+def _step_inputs(data: list, i: int) -> tuple:
+    """Step `i`'s (queries, responses, scores): fresh copies of one of the fixed batches, cycled through."""
+    queries, responses, scores = data[i % len(data)]
+    return [q.clone() for q in queries], [r.clone() for r in responses], [s.clone() for s in scores]
+
+
+def _check_no_fastppo(library: str) -> None:
+    """The TRL worker must have imported nothing of fastppo's."""
+    leaked = sorted(name for name in sys.modules if name == "fastppo" or name.startswith("fastppo."))
+    if library == "trl" and leaked:
+        raise RuntimeError(f"the TRL worker imported fastppo: {leaked}")
+
+
+def worker(library: str, steps: int, json_out: str | None, profile: bool, profile_out: str | None,
+           profile_clock: str = "wall") -> dict:
+    _worker_environment(library)
     import torch
 
     trainer = build_trainer(library)
     data = batches()
 
     def inputs(i):
-        queries, responses, scores = data[i % len(data)]
-        return [q.clone() for q in queries], [r.clone() for r in responses], [s.clone() for s in scores]
+        return _step_inputs(data, i)
 
     for i in range(WARMUP):
         trainer.step(*inputs(i))
@@ -146,10 +163,7 @@ def worker(library: str, steps: int, json_out: str | None, profile: bool, profil
         cpu_seconds.append(time.process_time() - cpu_start)
         if profiler is not None:
             profiler.disable()
-    if library == "trl":
-        leaked = sorted(name for name in sys.modules if name == "fastppo" or name.startswith("fastppo."))
-        if leaked:
-            raise RuntimeError(f"the TRL worker imported fastppo: {leaked}")
+    _check_no_fastppo(library)
     result = {
         "library": library, "steps_s": seconds, "median_s": statistics.median(seconds),
         "cpu_steps_s": cpu_seconds, "cpu_median_s": statistics.median(cpu_seconds), "warmup_steps": WARMUP,
@@ -173,11 +187,8 @@ PROTOCOL = "@@fastppo-compare "  # the served worker's reply lines on stdout sta
 def serve(library: str) -> None:
     """A worker that steps on request: builds its trainer, replies `ready`, then for each `step` line on stdin runs the
     next step and replies its wall and CPU seconds; `quit` replies the versions and ends. The interleaved driver
-    (`--interleave`) runs one per library and alternates their steps one by one."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if library == "fastppo":
-        os.environ.setdefault("FASTPPO_BACKEND", "torch")
+    (`--interleave`) runs one per library and has them take turns."""
+    _worker_environment(library)
     import torch
 
     trainer, data = build_trainer(library), batches()
@@ -188,12 +199,10 @@ def serve(library: str) -> None:
     reply(ready=True, torch_threads=torch.get_num_threads())
     for i, line in enumerate(sys.stdin):
         if line.strip() == "quit":
-            if library == "trl" and any(name == "fastppo" or name.startswith("fastppo.") for name in sys.modules):
-                raise RuntimeError("the TRL worker imported fastppo")
+            _check_no_fastppo(library)
             reply(versions=versions(library))
             return
-        queries, responses, scores = data[i % len(data)]
-        args = [q.clone() for q in queries], [r.clone() for r in responses], [s.clone() for s in scores]
+        args = _step_inputs(data, i)
         start, cpu_start = time.perf_counter(), time.process_time()
         trainer.step(*args)
         reply(wall=time.perf_counter() - start, cpu=time.process_time() - cpu_start)
@@ -360,7 +369,7 @@ def interleaved(args) -> None:
         for _ in range(WARMUP):
             for library in workers:
                 ask(library, "step")
-        turns = {"fastppo": [], "trl": []}  # per turn, its steps' CPU seconds
+        turns = {"fastppo": [], "trl": []}  # per turn, the median CPU seconds of its steps
         times = {"fastppo": [], "trl": []}
         for turn in range(-(-args.steps // args.turn)):
             for library in ("fastppo", "trl") if turn % 2 == 0 else ("trl", "fastppo"):
@@ -374,10 +383,11 @@ def interleaved(args) -> None:
     wall = {library: 1e3 * statistics.median(t["wall"] for t in times[library]) for library in times}
     cpu = {library: 1e3 * statistics.median(t["cpu"] for t in times[library]) for library in times}
     paired = [f / t for f, t in zip(turns["fastppo"], turns["trl"])]
-    print(f"{len(times['fastppo'])} interleaved steps per library, {args.turn} per turn: median step fastppo {wall['fastppo']:.1f} ms, TRL "
-          f"{wall['trl']:.1f} ms; CPU time fastppo {cpu['fastppo']:.1f} ms, TRL {cpu['trl']:.1f} ms; median of the "
-          f"per-turn-pair CPU-time ratios fastppo/TRL {statistics.median(paired):.3f}× (quartiles "
-          f"{statistics.quantiles(paired, n=4)[0]:.3f}–{statistics.quantiles(paired, n=4)[2]:.3f})\n")
+    low, _, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+    print(f"{len(times['fastppo'])} interleaved steps per library, {args.turn} per turn: median step fastppo "
+          f"{wall['fastppo']:.1f} ms, TRL {wall['trl']:.1f} ms; CPU time fastppo {cpu['fastppo']:.1f} ms, TRL "
+          f"{cpu['trl']:.1f} ms; median of the per-turn-pair CPU-time ratios fastppo/TRL "
+          f"{statistics.median(paired):.3f}× (quartiles {low:.3f}–{high:.3f})\n")
     line = row(wall, cpu, found["fastppo"], found["trl"], 0, len(times["fastppo"]), pythons["trl"],
                statistics.median(paired), args.turn)
     print(line)
